@@ -1,0 +1,156 @@
+"""Turn "one batch or a re-iterable collection of batches" into a uniform, checked loop.
+
+A batch is a 2-tuple or 2-list ``(inputs, targets)`` whose second element is a tensor. Its sample
+count is ``targets.shape[0]``. ``inputs`` is a tensor, a tuple of tensors (positional arguments
+of the model) or a dict of tensors (keyword arguments).
+
+Every pass records a cheap fingerprint of each batch (its sizes, and the sum and sum of squares of
+every tensor in it, which are invariant to the order of samples inside a batch, as is the loss).
+A later pass that sees different batches raises ``RuntimeError``: a shuffling or augmenting
+loader would otherwise make every product a different matrix, and Lanczos, ARPACK and CG would
+silently return garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Batch", "DataSource", "is_single_batch"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch on the parameters' device, with its position in the pass."""
+
+    index: int
+    inputs: Any
+    targets: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.targets.shape[0]) if self.targets.dim() > 0 else 1
+
+    def model_args(self) -> tuple[tuple, dict]:
+        """Positional and keyword arguments for ``model(...)``."""
+        if isinstance(self.inputs, dict):
+            return (), self.inputs
+        if isinstance(self.inputs, tuple):
+            return self.inputs, {}
+        return (self.inputs,), {}
+
+    def tensors(self) -> list[torch.Tensor]:
+        args, kwargs = self.model_args()
+        items = [*args, *kwargs.values(), self.targets]
+        return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one ``(inputs, targets)`` batch rather than a collection of batches."""
+    return isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {key: _to_device(value, device) for key, value in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(_to_device(value, device) for value in inputs)
+    return inputs
+
+
+def _fingerprint(batch: Batch) -> torch.Tensor:
+    """Sum and sum of squares of every tensor of the batch, in float64, without a host sync."""
+    stats = []
+    for tensor in batch.tensors():
+        values = tensor.detach().to(torch.float64)
+        stats += [values.sum(), values.square().sum()]
+    return torch.stack(stats)
+
+
+class DataSource:
+    """A re-iterable, fingerprinted view of ``data`` that yields :class:`Batch` on ``device``.
+
+    Parameters
+    ----------
+    data
+        One ``(inputs, targets)`` batch, or a re-iterable collection of them (a list, a
+        ``DataLoader``). A one-shot iterator such as a generator raises ``TypeError``; a
+        collection with a length of zero raises ``ValueError``.
+    device
+        Where the batches are moved (the parameters' device).
+    """
+
+    def __init__(self, data: Any, device: torch.device):
+        if is_single_batch(data):
+            self._data: Iterable = [data]
+        elif isinstance(data, Iterator):
+            raise TypeError(
+                f"data must be one (inputs, targets) batch or a re-iterable collection of batches "
+                f"(a list, a DataLoader), got a one-shot iterator {type(data).__name__}: an "
+                "operator passes over the data once per product, so pass list(data) instead"
+            )
+        elif isinstance(data, Iterable) and not isinstance(data, str | bytes | dict):
+            self._data = data
+        else:
+            raise TypeError(
+                "data must be one (inputs, targets) batch whose targets are a tensor, or a "
+                f"re-iterable collection of such batches, got {type(data).__name__}"
+            )
+        if hasattr(self._data, "__len__") and len(self._data) == 0:
+            raise ValueError("data must contain at least one batch, got an empty collection")
+        self.device = device
+        self._reference: tuple[list[tuple], list[torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        shapes: list[tuple] = []
+        stats: list[torch.Tensor] = []
+        for index, item in enumerate(self._data):
+            if not is_single_batch(item):
+                raise TypeError(
+                    f"batch {index} of data must be an (inputs, targets) tuple or list whose "
+                    f"targets are a tensor, got {type(item).__name__}"
+                )
+            inputs, targets = item
+            batch = Batch(index, _to_device(inputs, self.device), targets.to(self.device))
+            shapes.append(tuple(tuple(t.shape) for t in batch.tensors()))
+            stats.append(_fingerprint(batch))
+            self._check_shapes(shapes)
+            yield batch
+        if not shapes:
+            raise ValueError("data yielded no batches: it must contain at least one batch")
+        self._check_pass(shapes, stats)
+
+    def _check_shapes(self, shapes: list[tuple]) -> None:
+        if self._reference is None:
+            return
+        reference = self._reference[0]
+        index = len(shapes) - 1
+        if index >= len(reference) or reference[index] != shapes[index]:
+            self._raise_changed(f"batch {index} differs in count or shape")
+
+    def _check_pass(self, shapes: list[tuple], stats: list[torch.Tensor]) -> None:
+        if self._reference is None:
+            self._reference = (shapes, stats)
+            return
+        reference_shapes, reference_stats = self._reference
+        if len(shapes) != len(reference_shapes):
+            self._raise_changed(f"{len(shapes)} batches instead of {len(reference_shapes)}")
+        if not torch.equal(torch.cat(stats), torch.cat(reference_stats)):
+            first = next(
+                i for i, (a, b) in enumerate(zip(stats, reference_stats, strict=True)) if not torch.equal(a, b)
+            )
+            self._raise_changed(f"the contents of batch {first} changed")
+
+    @staticmethod
+    def _raise_changed(what: str) -> None:
+        raise RuntimeError(
+            f"the data changed between products ({what}): every product must see the same "
+            "batches, or the operator is a different matrix each time and eigensolvers, CG and "
+            "estimators return garbage. Use a DataLoader with shuffle=False and no random "
+            "augmentation, or pass a fixed list of batches."
+        )

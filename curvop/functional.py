@@ -1,0 +1,143 @@
+"""The reference functional API, rebuilt on curvop's kernels.
+
+Same names, signatures and return conventions as the module curvop grew out of (a single tensor
+for a single parameter, else a list), with its defects fixed: parameters are never left
+perturbed, finite differences are central and well scaled, the Gauss-Newton product costs a
+constant number of passes, and trace probes follow the parameters' dtype (and are unbiased when
+sparse).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .layout import as_tensor_list
+from .linalg.probes import draw_probes, make_generator
+from .objective import ClosureObjective, ModelObjective, resolve_params
+from .operators.base import CurvatureOperator
+from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernel
+from .operators.gauss_newton import gauss_newton_columns
+from .operators.hessian import hessian_columns
+
+__all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "hessian_trace", "model_hvp"]
+
+Tensors = torch.Tensor | list[torch.Tensor]
+
+
+def _multiply(operator: CurvatureOperator, v: torch.Tensor | Sequence[torch.Tensor]) -> Tensors:
+    vectors = as_tensor_list(v, "v")
+    result = operator.layout.unflatten(operator.apply(operator.layout.flatten(vectors)))
+    return result[0] if len(result) == 1 else result
+
+
+def exact_hvp(
+    func: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    v: torch.Tensor | Sequence[torch.Tensor],
+    create_graph: bool = False,
+) -> Tensors:
+    """The exact Hessian-vector product ``Hv`` of ``func() -> scalar`` by double backpropagation.
+
+    ``create_graph=True`` keeps the graph of the result, for higher-order derivatives.
+    """
+    kernel = functools.partial(hessian_columns, create_graph=create_graph)
+    return _multiply(CurvatureOperator._from_parts(ClosureObjective(func, params), kernel), v)
+
+
+def approximate_hvp(
+    func: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    v: torch.Tensor | Sequence[torch.Tensor],
+    num_samples: int = 1,
+    damping: float = 0.0,
+) -> Tensors:
+    r"""``(H + \text{damping}\, I) v`` by central differences of gradients.
+
+    The step is :math:`\sqrt{\varepsilon}(1 + \|\theta\|)/\|v\|`, scaled to the dtype. The
+    parameters are displaced in place and restored bitwise, also when ``func`` raises.
+    ``num_samples`` averages that many evaluations of a stochastic ``func`` (each draws its own
+    random numbers; both sides of a difference share them).
+    """
+    objective = ClosureObjective(func, params, num_samples=num_samples)
+    operator = FiniteDifferenceHessianOperator._from_parts(objective, _kernel(None, "central"))
+    product = _multiply(operator, v)
+    if damping:
+        vectors = as_tensor_list(v, "v")
+        if isinstance(product, torch.Tensor):
+            return product + damping * vectors[0]
+        return [p + damping * t for p, t in zip(product, vectors, strict=True)]
+    return product
+
+
+def _model_operator(model: nn.Module, loss_fn, x, y, kernel) -> CurvatureOperator:
+    params = resolve_params(model, list(model.parameters()))
+    objective = ModelObjective(model, loss_fn, (x, y), params)
+    return CurvatureOperator._from_parts(objective, kernel, reduction="sum")
+
+
+def model_hvp(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor | Sequence[torch.Tensor],
+    create_graph: bool = False,
+) -> Tensors:
+    """The exact Hessian-vector product of ``loss_fn(model(x), y)`` over ``model.parameters()``.
+
+    The model is evaluated functionally: BatchNorm running statistics are not updated.
+    """
+    kernel = functools.partial(hessian_columns, create_graph=create_graph)
+    return _multiply(_model_operator(model, loss_fn, x, y, kernel), v)
+
+
+def gauss_newton_product(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor | Sequence[torch.Tensor],
+    create_graph: bool = False,
+) -> Tensors:
+    """The generalized Gauss-Newton product ``J^T H_loss J v`` over ``model.parameters()``.
+
+    A constant number of passes, whatever the number of outputs (no loop over them).
+    """
+    kernel = functools.partial(gauss_newton_columns, create_graph=create_graph)
+    return _multiply(_model_operator(model, loss_fn, x, y, kernel), v)
+
+
+def hessian_trace(
+    func: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    num_samples: int = 10,
+    create_graph: bool = False,
+    sparse: bool = False,
+    *,
+    seed: int | None = None,
+) -> float:
+    r"""Hutchinson's estimate :math:`\frac{1}{m}\sum_i z_i^\top H z_i` of the Hessian's trace.
+
+    Probes are Rademacher vectors in the parameters' dtype, drawn from a private generator
+    (``seed``); with ``sparse=True`` each entry is nonzero with probability 0.1 and scaled by
+    :math:`1/\sqrt{0.1}`, which keeps the estimate unbiased. All probes are multiplied in one
+    block product.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    kernel = functools.partial(hessian_columns, create_graph=create_graph)
+    operator = CurvatureOperator._from_parts(ClosureObjective(func, params), kernel)
+    layout = operator.layout
+    probes = draw_probes(
+        layout.size,
+        num_samples,
+        distribution="sparse_rademacher" if sparse else "rademacher",
+        generator=make_generator(seed, layout.device),
+        dtype=layout.dtype,
+        device=layout.device,
+    )
+    return float((probes * operator.apply(probes)).sum() / num_samples)

@@ -1,0 +1,1 @@
+"""Algorithms on any SciPy ``LinearOperator``, written once against a torch block product."""

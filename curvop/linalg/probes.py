@@ -1,0 +1,49 @@
+"""Random probe vectors for the randomized estimators, drawn from private generators."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator"]
+
+DISTRIBUTIONS = ("rademacher", "gaussian", "sparse_rademacher")
+SPARSE_DENSITY = 0.1
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private generator: seeded when ``seed`` is given, else from fresh OS entropy.
+
+    The global random state is never read or advanced.
+    """
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def draw_probes(
+    n: int,
+    k: int,
+    *,
+    distribution: str = "rademacher",
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    r"""``k`` independent probe vectors as an ``(n, k)`` tensor with :math:`E[zz^\top] = I`.
+
+    ``"rademacher"``: entries :math:`\pm 1`. ``"gaussian"``: standard normal entries.
+    ``"sparse_rademacher"``: :math:`\pm 1/\sqrt{p}` with probability :math:`p = 0.1`, else 0
+    (rescaled so that the trace estimate stays unbiased).
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if distribution == "gaussian":
+        return torch.randn(n, k, generator=generator, dtype=dtype, device=device)
+    signs = torch.randint(0, 2, (n, k), generator=generator, device=device).to(dtype) * 2 - 1
+    if distribution == "rademacher":
+        return signs
+    mask = torch.rand(n, k, generator=generator, device=device) < SPARSE_DENSITY
+    return signs * mask.to(dtype) / SPARSE_DENSITY**0.5

@@ -1,0 +1,180 @@
+"""The scalar function whose curvature the operators represent, one batch at a time.
+
+An objective yields batches and, for each, evaluates the loss as a differentiable function of the
+parameters, optionally at a displaced point ``theta + d``. Two kinds exist:
+
+- :class:`ModelObjective` evaluates ``loss_fn(model(inputs), targets)`` through
+  ``torch.func.functional_call``: the model's own parameters and buffers are never written (buffers
+  are cloned per evaluation, so BatchNorm running statistics stay untouched).
+- :class:`ClosureObjective` calls a user closure ``func() -> loss`` that reads the parameters
+  directly; a displaced point is set in place and restored bitwise, also on an exception.
+
+Every evaluation of a batch runs under the same fixed random seed with the global random state
+saved and restored, so dropout draws the same mask in every product (the operator stays a fixed
+matrix) and the user's random state is never consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .data import Batch, DataSource
+from .layout import as_tensor_list
+
+__all__ = ["ClosureObjective", "ModelObjective", "check_scalar_loss", "resolve_params"]
+
+Evaluation = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+@contextmanager
+def isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the body with the generators of ``device`` (and the CPU) seeded, then restore them."""
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices, device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        if cuda_devices:
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        yield
+
+
+def check_scalar_loss(loss: Any, where: str) -> torch.Tensor:
+    """Raise a clear error unless ``loss`` is a real scalar tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the loss {where} must be a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"the loss {where} must be a scalar, got shape {tuple(loss.shape)}; use a loss "
+            "function with reduction='mean' or 'sum'"
+        )
+    return loss.reshape(())
+
+
+def resolve_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The parameters to differentiate: all of ``model``'s that require grad by default."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if params is None:
+        chosen = [p for p in model.parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("params: the model has no parameters that require grad")
+        return chosen
+    chosen = as_tensor_list(params, "params")
+    if not chosen:
+        raise ValueError("params must contain at least one parameter, got an empty sequence")
+    owned = {id(p) for p in model.parameters()}
+    for i, p in enumerate(chosen):
+        if id(p) not in owned:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model"
+            )
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
+    if len({id(p) for p in chosen}) != len(chosen):
+        raise ValueError("params must not contain the same parameter twice")
+    return chosen
+
+
+class ModelObjective:
+    """``loss_fn(model(inputs), targets)`` per batch, as a pure function of ``params``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: list[torch.Tensor],
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model, self.loss_fn, self.params = model, loss_fn, params
+        position = {id(p): i for i, p in enumerate(params)}
+        # every name of every parameter, tied weights included: (name, index in params or None, tensor)
+        self._slots = [
+            (name, position.get(id(q)), q)
+            for name, q in model.named_parameters(remove_duplicate=False)
+        ]
+        self.source = DataSource(data, params[0].device)
+
+    def batches(self) -> Iterator[Batch]:
+        return iter(self.source)
+
+    def output(self, batch: Batch, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``model(inputs)`` with ``params`` replaced by ``values``; buffers cloned, never written."""
+        state = {n: q.detach() if i is None else values[i] for n, i, q in self._slots}
+        state.update({n: b.clone() for n, b in self.model.named_buffers(remove_duplicate=False)})
+        args, kwargs = batch.model_args()
+        with isolated_rng(self.params[0].device, batch.index):
+            output = functional_call(self.model, state, args, kwargs, tie_weights=False)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
+        return output
+
+    def loss_of_output(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
+        return check_scalar_loss(self.loss_fn(output, batch.targets), f"of batch {batch.index}")
+
+    @contextmanager
+    def evaluated(self, batch: Batch, displacement: Sequence[torch.Tensor] | None = None):
+        """Yield ``(loss, leaves)``: the loss at ``params + displacement`` and the leaf tensors
+        to differentiate it with respect to (the parameters themselves when not displaced)."""
+        leaves = (
+            self.params if displacement is None else _displaced_leaves(self.params, displacement)
+        )
+        yield self.loss_of_output(batch, self.output(batch, leaves)), leaves
+
+
+class ClosureObjective:
+    """A closure ``func() -> scalar loss`` reading ``params``; ``num_samples`` evaluations.
+
+    Each evaluation ``s`` runs under random seed ``seed + s``, so a stochastic ``func`` gives
+    ``num_samples`` different draws, while all evaluations within one product (finite
+    differences) share the same draw.
+    """
+
+    def __init__(
+        self,
+        func: Callable[[], torch.Tensor],
+        params: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+    ):
+        if not callable(func):
+            raise TypeError(f"func must be callable, got {type(func).__name__}")
+        self.func, self.params = func, as_tensor_list(params, "params")
+        for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.num_samples, self.seed = num_samples, seed
+
+    def batches(self) -> Iterator[Batch]:
+        scalar = torch.zeros(())
+        return (Batch(self.seed + s, None, scalar) for s in range(self.num_samples))
+
+    @contextmanager
+    def evaluated(self, batch: Batch, displacement: Sequence[torch.Tensor] | None = None):
+        """Yield ``(loss, params)`` with the parameters displaced in place, restored bitwise."""
+        saved = [p.detach().clone() for p in self.params] if displacement is not None else []
+        try:
+            if displacement is not None:
+                with torch.no_grad():
+                    for p, d in zip(self.params, displacement, strict=True):
+                        p.add_(d)
+            with isolated_rng(self.params[0].device, batch.index):
+                loss = check_scalar_loss(self.func(), "returned by func")
+            yield loss, self.params
+        finally:
+            with torch.no_grad():
+                for p, original in zip(self.params, saved, strict=False):
+                    p.copy_(original)
+
+
+def _displaced_leaves(params: Sequence[torch.Tensor], displacement: Sequence[torch.Tensor]):
+    return [(p.detach() + d).requires_grad_() for p, d in zip(params, displacement, strict=True)]

@@ -1,0 +1,13 @@
+"""Curvature operators: SciPy ``LinearOperator`` subclasses around one kernel each."""
+
+from .base import CurvatureOperator
+from .finite_difference import FiniteDifferenceHessianOperator
+from .gauss_newton import GaussNewtonOperator
+from .hessian import HessianOperator
+
+__all__ = [
+    "CurvatureOperator",
+    "FiniteDifferenceHessianOperator",
+    "GaussNewtonOperator",
+    "HessianOperator",
+]

@@ -1,0 +1,199 @@
+"""The SciPy face of every curvature operator: the only place that crosses numpy <-> torch."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from ..data import Batch
+from ..layout import ParamLayout
+from ..objective import ClosureObjective, ModelObjective, resolve_params
+
+__all__ = ["CurvatureOperator", "resolve_reduction"]
+
+Objective = ModelObjective | ClosureObjective
+Kernel = Callable[[Objective, Batch, Sequence[torch.Tensor]], list[torch.Tensor]]
+
+REDUCTIONS = ("mean", "sum")
+
+
+def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The reduction of the loss: ``loss_fn.reduction`` if it exists, else ``reduction``, else mean."""
+    from_loss = getattr(loss_fn, "reduction", None)
+    if from_loss is not None and reduction is not None and from_loss != reduction:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts loss_fn.reduction={from_loss!r}; give one of them"
+        )
+    chosen = from_loss or reduction or "mean"
+    if chosen not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {REDUCTIONS}, got {chosen!r}: the operators need a scalar "
+            "loss per batch"
+        )
+    return chosen
+
+
+def warn_active_dropout(model: nn.Module) -> None:
+    """Warn when ``model`` is in training mode and contains dropout with a positive rate."""
+    active = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+    ]
+    if active:
+        warnings.warn(
+            f"the model is in training mode with active dropout in {active}: the operator "
+            "represents the curvature under one fixed dropout mask per batch (curvop seeds it so "
+            "that products agree). Call model.eval() for the curvature of the deterministic network.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+class CurvatureOperator(LinearOperator):
+    r"""A symmetric ``n x n`` curvature matrix of a PyTorch loss as a SciPy ``LinearOperator``.
+
+    Subclasses choose the kernel (the curvature of one batch times a block of columns); this class
+    loops over the data once per product, weights the batches by their sample counts and converts
+    between numpy and torch. Products accumulate over batches in float64.
+
+    Attributes
+    ----------
+    layout : ParamLayout
+        The flatten/unflatten adapter of the parameters.
+    reduction : str
+        ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
+    """
+
+    def __init__(self, objective: Objective, kernel: Kernel, reduction: str = "mean"):
+        self._objective, self._kernel, self.reduction = objective, kernel, reduction
+        self.layout = ParamLayout(objective.params)
+        dtype = torch.empty((), dtype=self.layout.dtype).numpy().dtype
+        super().__init__(dtype=dtype, shape=(self.layout.size, self.layout.size))
+
+    @staticmethod
+    def _model_objective(
+        model: nn.Module, loss_fn: Any, data: Any, params: Sequence[torch.Tensor] | None
+    ) -> ModelObjective:
+        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params))
+        warn_active_dropout(model)
+        return objective
+
+    @classmethod
+    def _from_parts(cls, objective: Objective, kernel: Kernel, reduction: str = "mean"):
+        operator = cls.__new__(cls)
+        CurvatureOperator.__init__(operator, objective, kernel, reduction)
+        return operator
+
+    def __repr__(self) -> str:
+        n = self.shape[0]
+        return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, reduction={self.reduction!r}>"
+
+    # ------------------------------------------------------------------ torch interface
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply a torch ``(n,)`` or ``(n, k)`` tensor, on the parameters' device and dtype.
+
+        All ``k`` columns are multiplied in a single pass over the data.
+        """
+        V = self.layout.check_vector(V, "V")
+        block = V if V.dim() == 2 else V.unsqueeze(1)
+        if block.shape[1] == 0:
+            return torch.zeros_like(V)
+        columns = [t.movedim(-1, 0) for t in self.layout.unflatten(block)]
+        accumulated = torch.zeros(block.shape, dtype=torch.float64, device=block.device)
+        finite_flags, total_samples = [], 0
+        for batch in self._objective.batches():
+            products = self._kernel(self._objective, batch, columns)
+            flat = self.layout.flatten([p.movedim(0, -1) for p in products])
+            finite_flags.append(torch.isfinite(flat).all())
+            weight = batch.num_samples if self.reduction == "mean" else 1
+            accumulated = accumulated + weight * flat.to(torch.float64)
+            total_samples += batch.num_samples
+        self._check_finite(finite_flags)
+        if self.reduction == "mean":
+            accumulated = accumulated / total_samples
+        result = accumulated.to(self.layout.dtype)
+        return result if V.dim() == 2 else result.squeeze(1)
+
+    @staticmethod
+    def _check_finite(flags: list[torch.Tensor]) -> None:
+        finite = torch.stack(flags)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            raise FloatingPointError(
+                f"the product is not finite: batch {first} gave NaN or Inf (check the inputs and "
+                "targets of that batch, the loss and the parameters for NaN/Inf or overflow)"
+            )
+
+    def to_dense(self, max_size: int = 4096) -> np.ndarray:
+        """The ``(n, n)`` matrix as numpy, from one block product with the identity.
+
+        Raises ``ValueError`` when ``n > max_size`` (the matrix takes ``n**2`` entries of memory);
+        pass a larger ``max_size`` to allow it.
+        """
+        n = self.shape[0]
+        if n > max_size:
+            raise ValueError(
+                f"to_dense: the operator has n={n} > max_size={max_size}, the dense matrix would "
+                f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
+            )
+        eye = torch.eye(n, dtype=self.layout.dtype, device=self.layout.device)
+        return self.apply(eye).cpu().numpy()
+
+    def check_deterministic(self, *, rtol: float | None = None, seed: int = 0) -> float:
+        """Check that two products with the same random vector agree; return their relative gap.
+
+        Parameters
+        ----------
+        rtol
+            Allowed relative difference; default ``1000 * eps`` of the dtype (about ``1e-4`` in
+            float32, ``2e-13`` in float64), room for non-deterministic GPU reductions.
+        seed
+            Seed of the random vector (drawn from a private generator).
+
+        Raises
+        ------
+        RuntimeError
+            If the two products differ by more than ``rtol``.
+        """
+        rtol = 1000 * torch.finfo(self.layout.dtype).eps if rtol is None else rtol
+        generator = torch.Generator(device=self.layout.device).manual_seed(seed)
+        v = torch.randn(
+            self.shape[0], generator=generator, dtype=self.layout.dtype, device=self.layout.device
+        )
+        first, second = self.apply(v), self.apply(v)
+        gap = float((first - second).norm() / first.norm().clamp_min(torch.finfo(first.dtype).tiny))
+        if gap > rtol:
+            raise RuntimeError(
+                f"two products with the same vector differ by {gap:.3g} (relative) > rtol={rtol:.3g}: "
+                "the operator is not deterministic. Likely causes: random data augmentation or a "
+                "shuffling data loader, a model that draws random numbers outside nn.Dropout, "
+                "non-deterministic GPU kernels (torch.use_deterministic_algorithms(True)), or a "
+                "loss that depends on global state."
+            )
+        return gap
+
+    # ------------------------------------------------------------------ SciPy interface
+    def _to_torch(self, X: np.ndarray) -> torch.Tensor:
+        X = np.asarray(X)
+        if np.iscomplexobj(X):
+            raise TypeError(f"x must be real, got complex dtype {X.dtype}")
+        return torch.as_tensor(X, dtype=self.layout.dtype, device=self.layout.device)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self.apply(self._to_torch(x)).cpu().numpy()
+
+    _matmat = _matvec  # apply handles (n,) and (n, k) alike
+    _rmatvec = _matvec  # curvature matrices are symmetric
+    _rmatmat = _matvec
+
+    def _adjoint(self) -> CurvatureOperator:
+        return self
+
+    _transpose = _adjoint
