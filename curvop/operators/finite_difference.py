@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..autodiff import vjp
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective
 from .base import CurvatureOperator, resolve_reduction
@@ -16,11 +17,12 @@ from .base import CurvatureOperator, resolve_reduction
 __all__ = ["FiniteDifferenceHessianOperator", "finite_difference_columns", "SCHEMES"]
 
 SCHEMES = ("central", "forward")
+STEP_FACTOR = 1 / 16  # of sqrt(eps) (1 + ||theta||); see finite_difference_columns
 
 
 def _gradient(objective, batch: Batch, displacement=None) -> list[torch.Tensor]:
     with objective.evaluated(batch, displacement) as (loss, leaves):
-        return list(torch.autograd.grad(loss, leaves, materialize_grads=True))
+        return vjp(loss, leaves)
 
 
 def finite_difference_columns(
@@ -36,16 +38,29 @@ def finite_difference_columns(
     central: :math:`Hv \approx (g(\theta + hv) - g(\theta - hv)) / 2h`;
     forward: :math:`Hv \approx (g(\theta + hv) - g(\theta)) / h`, with
 
-    .. math:: h = \sqrt{\varepsilon_{\mathrm{mach}}}\,(1 + \|\theta\|) / \|v\|
+    .. math:: h = \tfrac{1}{16}\sqrt{\varepsilon_{\mathrm{mach}}}\,(1 + \|\theta\|) / \|v\|
 
-    unless ``eps`` gives ``h``. A step of order :math:`\sqrt{\varepsilon}` rather than the
-    textbook :math:`\varepsilon^{1/3}` for central differences keeps the perturbation from crossing
-    the kinks of ReLU-like activations, which in float32 would give errors of order one.
+    unless ``eps`` gives ``h``. The step trades rounding error (about
+    :math:`\varepsilon_{\mathrm{mach}} / \rho` for a relative perturbation
+    :math:`\rho = h\|v\| / \|\theta\|`) against the kinks of ReLU-like activations, which a
+    perturbation crosses with a probability proportional to :math:`\rho` and the number of
+    pre-activations, each crossing adding an error of order one. Measured on ReLU and tanh MLPs
+    (64 to 1024 samples, 16 random directions), median / worst relative error:
+
+    =========  ==============  ==============  ==============
+    dtype      factor 1/64     factor 1/16     factor 1
+    =========  ==============  ==============  ==============
+    float64    4e-7 / 9e-7     1e-7 / 2e-7     7e-9 / 1e-8
+    float32    9e-3 / 2e-2     2e-3 / 4e-3 *   ReLU: 4 / 30
+    =========  ==============  ==============  ==============
+
+    (*) with 1024 samples one ReLU direction in 16 crossed a kink. The textbook central step
+    :math:`\varepsilon^{1/3}` is far worse on ReLU networks in float32.
     """
     params = objective.params
     with torch.no_grad():
         scale = 1 + torch.linalg.vector_norm(torch.cat([p.reshape(-1) for p in params]))
-        scale = scale * torch.finfo(params[0].dtype).eps ** 0.5
+        scale = scale * torch.finfo(params[0].dtype).eps ** 0.5 * STEP_FACTOR
     base = _gradient(objective, batch) if scheme == "forward" else None
     products = []
     for j in range(columns[0].shape[0]):
@@ -77,9 +92,11 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
     memory-hungry) at two gradient evaluations per column and batch (one, plus a shared base
     gradient, for ``scheme="forward"``).
 
-    Accuracy to expect (relative error of a product, smooth and ReLU networks alike):
-    about ``1e-7`` in float64 and ``1e-3`` in float32 with the default step. The forward scheme
-    is first-order and typically loses a factor of 10-100 against central differences.
+    Accuracy to expect (relative error of a product) with the default step: about ``1e-7`` in
+    float64 and a few ``1e-3`` in float32. On ReLU networks with many samples a float32
+    perturbation can cross an activation kink and spoil a product (errors of order one):
+    prefer float64 or the exact :class:`HessianOperator` there. The forward scheme is
+    first-order and typically loses a factor of 10-100 against central differences.
 
     Parameters
     ----------
@@ -87,7 +104,7 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         As for :class:`HessianOperator`.
     eps
         The step ``h`` in :math:`\theta \pm h v`; default
-        :math:`\sqrt{\varepsilon_{\mathrm{mach}}}\,(1 + \|\theta\|) / \|v\|`.
+        :math:`\tfrac{1}{16}\sqrt{\varepsilon_{\mathrm{mach}}}\,(1 + \|\theta\|) / \|v\|`.
     scheme
         ``"central"`` (default) or ``"forward"``.
 
@@ -96,6 +113,7 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).double()
     >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     >>> H = FiniteDifferenceHessianOperator(model, nn.MSELoss(), (x, y))
+    >>> import numpy as np
     >>> Hv = H @ np.ones(H.shape[0])
     """
 

@@ -1,0 +1,285 @@
+"""Every operator against dense float64 ground truth, over every case in conftest.CASES."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    Case,
+    assert_model_unchanged,
+    dense_ggn,
+    dense_hessian,
+    make_case,
+    model_snapshot,
+)
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
+from torch import nn
+
+from curvop import (
+    FiniteDifferenceHessianOperator,
+    GaussNewtonOperator,
+    HessianOperator,
+    ParamLayout,
+)
+
+OPERATORS = {
+    "hessian": (HessianOperator, dense_hessian, 1e-10),
+    "ggn": (GaussNewtonOperator, dense_ggn, 1e-10),
+    "fd": (FiniteDifferenceHessianOperator, dense_hessian, 1e-6),
+}
+
+
+def build(kind: str, case: Case):
+    cls = OPERATORS[kind][0]
+    return cls(case.model, case.loss_fn, case.data, case.params)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_products_match_dense_truth(kind: str, case: Case):
+    _, truth_of, tolerance = OPERATORS[kind]
+    truth = truth_of(case).numpy()
+    snapshot = model_snapshot(case.model)
+    op = build(kind, case)
+    n = truth.shape[0]
+    assert op.shape == (n, n) and op.dtype == np.float64 and op.layout.size == n
+    rng = np.random.default_rng(0)
+    x, X = rng.standard_normal(n), rng.standard_normal((n, 3))
+
+    assert relative_error(op @ x, truth @ x) < tolerance
+    assert relative_error(op.matvec(x), truth @ x) < tolerance
+    assert relative_error(op.rmatvec(x), truth @ x) < tolerance
+    assert relative_error(op.matmat(X), truth @ X) < tolerance
+    assert relative_error(op @ X, truth @ X) < tolerance
+    assert relative_error(op.matvec(x[:, None]).ravel(), truth @ x) < tolerance
+    applied = op.apply(torch.as_tensor(X))
+    assert isinstance(applied, torch.Tensor) and applied.shape == (n, 3)
+    assert relative_error(applied.numpy(), truth @ X) < tolerance
+    assert relative_error(op.to_dense(), truth) < tolerance
+    assert_model_unchanged(case.model, snapshot)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_eigsh_and_cg_on_operator(kind: str):
+    case = make_case("mlp", "ce", "mean", (4, 4, 3))
+    truth = OPERATORS[kind][1](case).numpy()
+    op = build(kind, case)
+    top = eigsh(op, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(truth)[-2:], rtol=1e-8, atol=1e-10)
+
+    damping, b = 0.5, np.ones(op.shape[0])
+    x, info = cg(op + damping * aslinearoperator(np.eye(op.shape[0])), b, rtol=1e-10)
+    assert info == 0
+    expected = np.linalg.solve(truth + damping * np.eye(op.shape[0]), b)
+    assert relative_error(x, expected) < 1e-7
+
+
+def test_operator_is_a_symmetric_linear_operator():
+    case = make_case()
+    op = build("hessian", case)
+    assert isinstance(op, LinearOperator)
+    assert op.T is op and op.H is op and op.adjoint() is op
+
+
+def test_apply_one_vector_returns_vector():
+    case = make_case()
+    op = build("hessian", case)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    out = op.apply(v)
+    assert out.shape == v.shape and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), dense_hessian(case).numpy() @ v.numpy(), rtol=1e-10)
+
+
+def test_block_is_multiplied_in_one_pass_over_the_data():
+    case = make_case("mlp", "mse", "mean", (4, 4, 3))
+    calls = []
+    handle = case.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for kind in OPERATORS:
+            op = build(kind, case)
+            assert not calls, "constructing an operator must not evaluate the model"
+            op.apply(torch.randn(op.shape[0], 5, dtype=torch.float64))
+            per_batch = {"hessian": 1, "ggn": 1, "fd": 10}[kind]
+            assert len(calls) == 3 * per_batch, kind
+            calls.clear()
+    finally:
+        handle.remove()
+
+
+def test_mean_reduction_weights_batches_by_sample_count():
+    """The short last batch must count for its 1 sample, not for a third of the data."""
+    split = make_case("mlp", "mse", "mean", (5, 5, 1))
+    whole = make_case("mlp", "mse", "mean", (11,))
+    np.testing.assert_allclose(
+        build("hessian", split).to_dense(), build("hessian", whole).to_dense(), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        build("ggn", split).to_dense(), build("ggn", whole).to_dense(), atol=1e-12
+    )
+
+
+def test_sum_reduction_is_sum_over_batches():
+    split = make_case("mlp", "ce", "sum", (5, 5, 1))
+    whole = make_case("mlp", "ce", "sum", (11,))
+    np.testing.assert_allclose(
+        build("hessian", split).to_dense(), build("hessian", whole).to_dense(), atol=1e-12
+    )
+
+
+def test_reduction_argument_for_plain_function_losses():
+    case = make_case("mlp", "mse", "sum", (4, 4, 3))
+
+    def squared_error(out, y):
+        return ((out - y) ** 2).sum()
+
+    op = HessianOperator(case.model, squared_error, case.data, reduction="sum")
+    assert op.reduction == "sum"
+    np.testing.assert_allclose(op.to_dense(), dense_hessian(case).numpy(), atol=1e-10)
+    assert HessianOperator(case.model, squared_error, case.data).reduction == "mean"
+
+
+def test_ggn_works_for_bce_and_custom_losses():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (6, 2)).double()
+
+    def custom(out, target):
+        return (torch.cosh(out - target)).mean()
+
+    for loss_fn in (nn.BCEWithLogitsLoss(), custom):
+        case = Case("bce", model, loss_fn, (x, y), "mean")
+        np.testing.assert_allclose(
+            build("ggn", case).to_dense(), dense_ggn(case).numpy(), atol=1e-10
+        )
+
+
+def test_ggn_equals_hessian_for_linear_model_and_convex_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ggn = GaussNewtonOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    hessian = HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    np.testing.assert_allclose(ggn, hessian, atol=1e-12)
+
+
+def test_finite_differences_float32_accuracy_on_relu_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    exact = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    approx = FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), data)
+    assert approx.dtype == np.float32
+    V = torch.randn(exact.shape[0], 4, generator=torch.Generator().manual_seed(1))
+    errors = (approx.apply(V) - exact.apply(V)).norm(dim=0) / exact.apply(V).norm(dim=0)
+    assert errors.max() < 1e-2
+
+
+def test_finite_differences_forward_scheme_and_explicit_step():
+    case = make_case("mlp", "mse", "mean", (4, 4, 3))
+    truth = dense_hessian(case).numpy()
+    forward = FiniteDifferenceHessianOperator(case.model, case.loss_fn, case.data, scheme="forward")
+    fixed = FiniteDifferenceHessianOperator(case.model, case.loss_fn, case.data, eps=1e-5)
+    assert relative_error(forward.to_dense(), truth) < 1e-5
+    assert relative_error(fixed.to_dense(), truth) < 1e-8
+
+
+def test_from_function_matches_model_operators():
+    case = make_case("mlp", "ce", "mean", (11,))
+    x, y = case.data
+    params = list(case.model.parameters())
+
+    def loss():
+        return case.loss_fn(case.model(x), y)
+
+    truth = dense_hessian(case).numpy()
+    snapshot = model_snapshot(case.model)
+    exact = HessianOperator.from_function(loss, params)
+    approx = FiniteDifferenceHessianOperator.from_function(loss, params)
+    assert relative_error(exact.to_dense(), truth) < 1e-12
+    assert relative_error(approx.to_dense(), truth) < 1e-6
+    assert_model_unchanged(case.model, snapshot)
+
+
+def test_from_function_restores_parameters_bitwise_on_exception():
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 2:  # fails on the perturbed evaluation
+            raise KeyError("boom")
+        return (w**3).sum()
+
+    op = FiniteDifferenceHessianOperator.from_function(flaky, [w])
+    with pytest.raises(KeyError, match="boom"):
+        op @ np.ones(4)
+    assert torch.equal(w.detach(), before)
+
+
+def test_parameter_subset_is_the_sub_block():
+    full = make_case("mlp", "mse", "mean", (4, 4, 3))
+    sub = make_case("mlp", "mse", "mean", (4, 4, 3), subset=True)
+    full_dense = build("hessian", full).to_dense()
+    layout = ParamLayout(list(full.model.parameters()))
+    index = np.concatenate(
+        [
+            np.arange(start, start + numel)
+            for (name, _), start, numel in zip(
+                full.model.named_parameters(),
+                np.cumsum([0, *layout.numels[:-1]]),
+                layout.numels,
+                strict=True,
+            )
+            if name.endswith("weight")
+        ]
+    )
+    np.testing.assert_allclose(
+        build("hessian", sub).to_dense(), full_dense[np.ix_(index, index)], atol=1e-12
+    )
+
+
+def test_dataloader_and_tuple_inputs():
+    torch.manual_seed(0)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(4, 3)
+
+        def forward(self, u, w):
+            return torch.tanh(self.a(u)) + self.b(w)
+
+    model = TwoInputs().double()
+    u, w = torch.randn(10, 2, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randn(10, 3, dtype=torch.float64)
+    dataset = [((u[i], w[i]), y[i]) for i in range(10)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False)
+    from_loader = HessianOperator(model, nn.MSELoss(), loader).to_dense()
+    whole = HessianOperator(model, nn.MSELoss(), ((u, w), y)).to_dense()
+    np.testing.assert_allclose(from_loader, whole, atol=1e-12)
+
+
+def test_float32_operator_has_float32_dtype_and_numpy_io():
+    model = nn.Linear(3, 2)
+    op = HessianOperator(model, nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)))
+    assert op.dtype == np.float32
+    out = op @ np.ones(op.shape[0])
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+
+
+def test_to_dense_size_limit_can_be_raised():
+    op = build("hessian", make_case())
+    n = op.shape[0]
+    with pytest.raises(ValueError, match="max_size"):
+        op.to_dense(max_size=n - 1)
+    assert op.to_dense(max_size=n).shape == (n, n)
