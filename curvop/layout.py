@@ -104,7 +104,7 @@ class ParamLayout:
         columns = tuple(vector.shape[1:])
         pieces = torch.split(vector, self.numels)
         return [
-            piece.reshape(*shape, *columns)
+            piece.reshape((*shape, *columns))
             for piece, shape in zip(pieces, self.shapes, strict=True)
         ]
 
