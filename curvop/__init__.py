@@ -2,6 +2,21 @@
 
 from .functional import approximate_hvp, exact_hvp, gauss_newton_product, hessian_trace, model_hvp
 from .layout import ParamLayout
+from .linalg import (
+    ConvergenceWarning,
+    Estimate,
+    SolveResult,
+    SpectralDensity,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    solve_damped,
+    spectral_density,
+    top_eigenvalues,
+    xdiag,
+    xtrace,
+)
 from .operators import (
     CurvatureOperator,
     FiniteDifferenceHessianOperator,
@@ -12,14 +27,27 @@ from .operators import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceWarning",
     "CurvatureOperator",
+    "Estimate",
     "FiniteDifferenceHessianOperator",
     "GaussNewtonOperator",
     "HessianOperator",
     "ParamLayout",
+    "SolveResult",
+    "SpectralDensity",
     "approximate_hvp",
     "exact_hvp",
     "gauss_newton_product",
     "hessian_trace",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
     "model_hvp",
+    "solve_damped",
+    "spectral_density",
+    "top_eigenvalues",
+    "xdiag",
+    "xtrace",
 ]

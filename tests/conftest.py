@@ -6,6 +6,11 @@ Each case is one line in ``CASES``; every operator test runs over all of them an
 
 from __future__ import annotations
 
+import os
+
+# tiny matrices: BLAS threads only fight over the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from collections.abc import Callable
 from dataclasses import dataclass
 

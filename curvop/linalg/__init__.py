@@ -1,1 +1,38 @@
-"""Algorithms on any SciPy ``LinearOperator``, written once against a torch block product."""
+"""Algorithms on any SciPy ``LinearOperator``, written once against a torch block product.
+
+- :func:`top_eigenvalues` — extreme eigenvalues by ARPACK, robust on singular operators.
+- :func:`solve_damped` — :math:`(A + \\lambda I)x = b` by conjugate gradients or MINRES.
+- :func:`lanczos` — the Lanczos tridiagonal matrix, fully reorthogonalized.
+- :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`xtrace` — trace estimates.
+- :func:`hutchinson_diagonal`, :func:`xdiag` — diagonal estimates.
+- :func:`spectral_density` — SLQ or KPM spectral density.
+
+On a :class:`~curvop.CurvatureOperator` everything except the two SciPy solvers runs in torch on
+the parameters' device, multiplying all probes of a step in one pass over the data.
+"""
+
+from .density import SpectralDensity, spectral_density
+from .diagonal import hutchinson_diagonal, xdiag
+from .eigen import top_eigenvalues
+from .lanczos import lanczos
+from .probes import draw_probes, make_generator
+from .solve import ConvergenceWarning, SolveResult, solve_damped
+from .trace import Estimate, hutchinson_trace, hutchpp_trace, xtrace
+
+__all__ = [
+    "ConvergenceWarning",
+    "Estimate",
+    "SolveResult",
+    "SpectralDensity",
+    "draw_probes",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "make_generator",
+    "solve_damped",
+    "spectral_density",
+    "top_eigenvalues",
+    "xdiag",
+    "xtrace",
+]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_seed
+
 __all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sparse_rademacher")
@@ -13,13 +15,15 @@ SPARSE_DENSITY = 0.1
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A private generator: seeded when ``seed`` is given, else from fresh OS entropy.
 
-    The global random state is never read or advanced.
+    The global random state is never read or advanced. ``seed`` must be ``None`` or an int
+    (``TypeError`` otherwise).
     """
+    seed = check_seed(seed)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(int(seed))
+        generator.manual_seed(seed)
     return generator
 
 

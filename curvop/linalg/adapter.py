@@ -1,0 +1,116 @@
+"""One block-product interface for every operator: ``V -> A V`` on torch ``(n, k)`` blocks.
+
+curvop's algorithms are written once against :class:`BlockOperator`. For a
+:class:`~curvop.CurvatureOperator` the product is its ``apply`` (torch, on the parameters' device,
+all columns in one pass over the data); for any other SciPy ``LinearOperator`` it is a numpy
+round trip through ``matmat`` on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
+
+from ..operators.base import CurvatureOperator
+from .probes import draw_probes
+
+__all__ = ["BlockOperator", "as_block_operator", "as_scipy_float64"]
+
+
+@dataclass(frozen=True)
+class BlockOperator:
+    """A symmetric ``n x n`` operator seen as a product of torch blocks.
+
+    Attributes
+    ----------
+    n : int
+        The operator's size.
+    dtype : torch.dtype
+        The precision the products run in (the operator's own).
+    device : torch.device
+        Where the vectors live.
+    product : callable
+        ``(n, k)`` tensor of ``dtype`` on ``device`` -> ``(n, k)`` product.
+    """
+
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    product: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the products' precision."""
+        return torch.finfo(self.dtype).eps
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for a float64 ``(n, k)`` block: computed in ``dtype``, returned as float64."""
+        return self.product(V.to(self.dtype)).to(torch.float64)
+
+    def probes(
+        self, k: int, generator: torch.Generator, distribution: str = "rademacher"
+    ) -> torch.Tensor:
+        r"""``k`` float64 probe columns on ``device`` with :math:`E[zz^\top] = I`."""
+        return draw_probes(
+            self.n,
+            k,
+            distribution=distribution,
+            generator=generator,
+            dtype=torch.float64,
+            device=self.device,
+        )
+
+
+def as_block_operator(op: Any) -> BlockOperator:
+    """Wrap ``op`` (a SciPy ``LinearOperator`` or anything ``aslinearoperator`` accepts).
+
+    Raises
+    ------
+    TypeError
+        If ``op`` is no linear operator, or is complex.
+    ValueError
+        If ``op`` is not square or is empty.
+    """
+    if isinstance(op, CurvatureOperator):
+        layout = op.layout
+        return BlockOperator(layout.size, layout.dtype, layout.device, op.apply)
+    if not isinstance(op, LinearOperator):
+        try:
+            op = aslinearoperator(op)
+        except TypeError:
+            raise TypeError(
+                "op must be a scipy.sparse.linalg.LinearOperator (or a matrix that "
+                f"aslinearoperator accepts), got {type(op).__name__}"
+            ) from None
+    if len(op.shape) != 2 or op.shape[0] != op.shape[1] or op.shape[0] < 1:
+        raise ValueError(f"op must be a square, non-empty operator, got shape {op.shape}")
+    numpy_dtype = np.dtype(op.dtype) if op.dtype is not None else np.dtype(np.float64)
+    if np.issubdtype(numpy_dtype, np.complexfloating):
+        raise TypeError(f"op must be real, got dtype {numpy_dtype}")
+    dtype = torch.float32 if numpy_dtype == np.float32 else torch.float64
+    work = np.float32 if dtype == torch.float32 else np.float64
+
+    def product(V: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(op.matmat(V.cpu().numpy()), dtype=work))
+
+    return BlockOperator(op.shape[0], dtype, torch.device("cpu"), product)
+
+
+def as_scipy_float64(block: BlockOperator) -> LinearOperator:
+    """``block`` as a float64 SciPy ``LinearOperator`` (for ARPACK and the Krylov solvers).
+
+    Vectors arrive as float64 numpy, are multiplied in the operator's own precision on its device
+    and come back as float64 numpy.
+    """
+
+    def matmat(X: np.ndarray) -> np.ndarray:
+        block_in = torch.from_numpy(np.asarray(X, dtype=np.float64).reshape(block.n, -1))
+        result = block.matmat(block_in.to(block.device)).cpu().numpy()
+        return result.reshape(X.shape)
+
+    return LinearOperator((block.n, block.n), matvec=matmat, matmat=matmat, dtype=np.float64)

@@ -1,0 +1,62 @@
+r"""Randomized estimators of the diagonal: Hutchinson's (Bekas et al., 2007) and XDiag.
+
+For Rademacher probes, :math:`E[\omega \odot A\omega] = \operatorname{diag}(A)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..validation import check_positive_int
+from .adapter import as_block_operator
+from .probes import make_generator
+from .sketch import exchangeable_sketch
+
+__all__ = ["hutchinson_diagonal", "xdiag"]
+
+
+def hutchinson_diagonal(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
+    r"""Estimate :math:`\operatorname{diag}(A) \approx \frac{1}{m}\sum_i \omega_i \odot A\omega_i`.
+
+    ``num_matvecs`` Rademacher probes, multiplied as one block; returns numpy ``(n,)`` float64.
+    Entry :math:`j` has variance :math:`\frac{1}{m}\sum_{k \ne j} A_{jk}^2`.
+    """
+    block = as_block_operator(op)
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    probes = block.probes(num_matvecs, make_generator(seed, block.device))
+    return (probes * block.matmat(probes)).mean(1).cpu().numpy()
+
+
+def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
+    r"""XDiag (Epperly, Tropp & Webber, 2024), the exchangeable diagonal estimator.
+
+    With :math:`s = \lfloor m/2 \rfloor` Rademacher probes and the leave-one-out projectors :math:`P_{-i}` of
+    :mod:`curvop.linalg.sketch`,
+
+    .. math::
+        \operatorname{diag}(A) \approx \frac{1}{s} \sum_{i=1}^s \Big[
+        \operatorname{diag}(P_{-i} A) + \omega_i \odot (I - P_{-i}) A \omega_i \Big].
+
+    With :math:`P_{-i} = QQ^\top - u_i u_i^\top`, :math:`u_i = Qc_i`, :math:`Z = AQ`,
+    :math:`\operatorname{diag}(QQ^\top A) = \sum_k Q_{:k} \odot Z_{:k}` and
+    :math:`u_i^\top A\omega_i = c_i^\top Z^\top \omega_i`, so everything follows from the two
+    block products of the sketch. Exact when :math:`s` exceeds the rank of :math:`A`
+    (``num_matvecs >= 2 * (rank + 1)``) and the range of :math:`A` is not aligned with the
+    coordinate axes (see :mod:`curvop.linalg.sketch`). Rademacher rather than Gaussian probes,
+    because the Monte-Carlo part then has no error from the diagonal of the remainder. Returns
+    numpy ``(n,)`` float64; needs ``num_matvecs >= 2``.
+    """
+    block = as_block_operator(op)
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs < 2:
+        raise ValueError(f"num_matvecs must be at least 2 for xdiag, got {num_matvecs}")
+    generator = make_generator(seed, block.device)
+    sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher")
+    Q, Z, C = sketch.basis, sketch.basis_images, sketch.removed
+    Omega, Y = sketch.probes, sketch.images
+    U = Q @ C
+    along_u = (C * (Z.T @ Omega)).sum(0)  # u_i^T A omega_i
+    correction = Omega * (Y - Q @ (Q.T @ Y) + U * along_u) - U * (Z @ C)
+    return ((Q * Z).sum(1) + correction.mean(1)).cpu().numpy()

@@ -1,0 +1,134 @@
+r"""The Lanczos process with full reorthogonalization, for one or many start vectors at once.
+
+From a unit start vector :math:`q_1`, Lanczos builds an orthonormal basis :math:`Q_m` of the
+Krylov space :math:`\mathcal{K}_m(A, q_1)` in which :math:`A` is tridiagonal:
+
+.. math::
+    Q_m^\top A Q_m = T_m =
+    \begin{pmatrix} \alpha_1 & \beta_1 & & \\ \beta_1 & \alpha_2 & \ddots & \\
+    & \ddots & \ddots & \beta_{m-1} \\ & & \beta_{m-1} & \alpha_m \end{pmatrix}.
+
+The eigenvalues of :math:`T_m` (Ritz values) approximate the extremes of the spectrum; its
+eigenvectors' first components give the Gauss quadrature of :math:`q_1^\top f(A) q_1`. Every new
+vector is orthogonalized against the whole basis, twice, in float64: without it, rounding
+errors make Ritz values repeat ("ghost" eigenvalues), above all in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ..validation import check_positive_int
+from .adapter import BlockOperator, as_block_operator
+from .checks import as_float64_vector, check_seed
+from .probes import make_generator
+
+__all__ = ["LanczosRun", "lanczos", "lanczos_block"]
+
+
+class LanczosRun(NamedTuple):
+    """Tridiagonal coefficients of ``p`` Lanczos processes run side by side.
+
+    Attributes
+    ----------
+    alphas : numpy.ndarray
+        ``(p, m)`` diagonals; row ``j`` is valid up to ``lengths[j]``, zero after.
+    betas : numpy.ndarray
+        ``(p, m)`` off-diagonals; ``betas[j, lengths[j] - 1]`` is the norm of the final residual
+        (the Ritz residual scale), zero after.
+    lengths : numpy.ndarray
+        ``(p,)`` number of steps each process took (fewer than ``m`` after an invariant subspace).
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    lengths: np.ndarray
+
+
+def lanczos_block(block: BlockOperator, start: torch.Tensor, num_steps: int) -> LanczosRun:
+    r"""Run one Lanczos process per column of ``start`` (``(n, p)``), all products as one block.
+
+    A process stops early when its residual norm :math:`\beta_j \le \sqrt{\varepsilon}\,
+    \max_{i \le j}(|\alpha_i|, \beta_i)` (an invariant subspace; :math:`\varepsilon` of the
+    operator's dtype); its later columns are no longer multiplied. At most ``n`` steps are taken.
+    """
+    n, p = start.shape
+    m = min(num_steps, n)
+    q = start / torch.linalg.vector_norm(start, dim=0)
+    basis = torch.zeros(p, m, n, dtype=torch.float64, device=start.device)
+    alphas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
+    betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
+    lengths = torch.full((p,), m, dtype=torch.long)
+    scale = torch.zeros(p, dtype=torch.float64, device=start.device)
+    active = torch.ones(p, dtype=torch.bool)
+    tolerance = block.eps**0.5
+    for step in range(m):
+        basis[:, step] = q.T
+        columns = active.nonzero().squeeze(1).to(q.device)
+        w = torch.zeros_like(q)
+        w[:, columns] = block.matmat(q[:, columns])
+        alphas[:, step] = (q * w).sum(0)
+        for _ in range(2):  # classical Gram-Schmidt, twice, against the whole basis
+            previous = basis[:, : step + 1]
+            w = w - torch.einsum("pkn,pk->np", previous, torch.einsum("pkn,np->pk", previous, w))
+        beta = torch.linalg.vector_norm(w, dim=0)
+        betas[:, step] = beta
+        scale = torch.maximum(scale, torch.maximum(alphas[:, step].abs(), beta))
+        stopped = (beta <= tolerance * scale).cpu() & active
+        lengths[stopped] = step + 1
+        active &= ~stopped
+        if not active.any():
+            break
+        keep = active.to(w.device)
+        q = torch.where(keep, w / torch.where(keep, beta, 1.0), 0.0)
+    mask = torch.arange(m) < lengths[:, None]
+    return LanczosRun((alphas.cpu() * mask).numpy(), (betas.cpu() * mask).numpy(), lengths.numpy())
+
+
+def lanczos(
+    op: Any, num_steps: int, *, v0: Any = None, seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""The Lanczos tridiagonal matrix of ``op`` from ``v0`` (or a random start).
+
+    Parameters
+    ----------
+    op
+        A symmetric SciPy ``LinearOperator`` (a curvop operator runs in torch on its device).
+    num_steps
+        Number of steps ``m`` (at most ``n`` are taken).
+    v0
+        Start vector, numpy or torch ``(n,)``, nonzero; default a Rademacher vector.
+    seed
+        Seed of the random start (only without ``v0``).
+
+    Returns
+    -------
+    alphas, betas : numpy.ndarray
+        The diagonal (length ``m``) and off-diagonal (length ``m - 1``) of :math:`T_m`; shorter
+        when an invariant subspace is found early. ``scipy.linalg.eigh_tridiagonal(alphas,
+        betas)`` gives the Ritz values.
+
+    Examples
+    --------
+    >>> from scipy.sparse.linalg import aslinearoperator
+    >>> alphas, betas = lanczos(aslinearoperator(np.diag([1.0, 2.0, 3.0])), 5, seed=0)
+    >>> len(alphas)
+    3
+    """
+    block = as_block_operator(op)
+    num_steps = check_positive_int(num_steps, "num_steps")
+    seed = check_seed(seed)
+    if v0 is None:
+        start = block.probes(1, make_generator(seed, block.device))
+    elif seed is not None:
+        raise ValueError("give either v0 or seed, not both: seed only draws a random start")
+    else:
+        start = torch.from_numpy(as_float64_vector(v0, "v0", block.n)).to(block.device)[:, None]
+        if not start.any():
+            raise ValueError("v0 must be nonzero")
+    run = lanczos_block(block, start, num_steps)
+    m = int(run.lengths[0])
+    return run.alphas[0, :m], run.betas[0, : m - 1]

@@ -1,0 +1,102 @@
+"""Spectral densities: normalization, coverage, moments; SLQ quadrature; plotting."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from linalg_cases import SPECTRA, dense_case, hutchinson_std
+from scipy.integrate import trapezoid
+from scipy.sparse.linalg import aslinearoperator
+
+from curvop import SpectralDensity, spectral_density
+
+NUM_PROBES = 10
+
+
+def moment(result: SpectralDensity, power: int) -> float:
+    return float(trapezoid(result.grid**power * result.density, result.grid))
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("method", ["slq", "kpm"])
+def test_density_is_normalized_covers_the_spectrum_and_has_the_right_moments(name, method):
+    op, A, eigenvalues = dense_case(name)
+    n = len(eigenvalues)
+    result = spectral_density(op, method=method, num_probes=NUM_PROBES, num_points=2000, seed=0)
+    assert result.method == method
+    assert result.grid.shape == result.density.shape == (2000,)
+    assert np.all(np.diff(result.grid) > 0) and np.all(result.density >= 0)
+    assert trapezoid(result.density, result.grid) == pytest.approx(1.0, abs=1e-12)
+    assert result.grid[0] <= eigenvalues[0] and result.grid[-1] >= eigenvalues[-1]
+    # Hutchinson error of tr(A)/n and ||A||_F^2/n with these probes, plus the smoothing bias
+    width = eigenvalues[-1] - eigenvalues[0]
+    broadening = result.sigma**2 if method == "slq" else 0.0
+    first_tolerance = 4 * hutchinson_std(A, NUM_PROBES) / n + 1e-4 * width
+    second_tolerance = 4 * hutchinson_std(A @ A, NUM_PROBES) / n + 1e-3 * width**2
+    assert moment(result, 1) == pytest.approx(eigenvalues.mean(), abs=first_tolerance)
+    assert moment(result, 2) - broadening == pytest.approx(
+        np.mean(eigenvalues**2), abs=second_tolerance
+    )
+
+
+def test_slq_quadrature_rows():
+    op, _, eigenvalues = dense_case("indefinite")
+    result = spectral_density(op, num_probes=4, num_steps=30, seed=1)
+    assert result.nodes.shape == result.weights.shape == (4, 30)
+    np.testing.assert_allclose(result.weights.sum(axis=1), 1.0, rtol=1e-12)
+    assert np.all(result.weights >= 0)
+    assert result.nodes.min() >= eigenvalues[0] - 1e-12
+    assert result.nodes.max() <= eigenvalues[-1] + 1e-12
+
+
+def test_slq_pads_early_stopped_runs_with_zero_weights_and_finite_nodes():
+    """The rank-8 matrix has a Krylov space of dimension 9: Lanczos stops long before 80 steps."""
+    op, _, eigenvalues = dense_case("zero_cluster")
+    result = spectral_density(op, num_probes=3, num_steps=80, seed=0)
+    assert result.nodes.shape == (3, 80) and np.all(np.isfinite(result.nodes))
+    np.testing.assert_array_equal(result.weights[:, 9:], 0.0)
+    np.testing.assert_allclose(result.weights.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.sort(result.nodes[0, :9]), np.unique(eigenvalues), atol=1e-10)
+    # the spike at zero holds (n - 8) / n of the mass, up to the probes' sampling error
+    near_zero = np.abs(result.grid) < 5 * result.sigma
+    mass = trapezoid(result.density[near_zero], result.grid[near_zero])
+    assert mass == pytest.approx((len(eigenvalues) - 8) / len(eigenvalues), abs=0.05)
+
+
+def test_slq_uses_the_given_sigma():
+    op, _, _ = dense_case("indefinite")
+    result = spectral_density(op, num_probes=2, num_steps=10, sigma=0.3, seed=0)
+    assert result.sigma == 0.3
+    assert result.grid[0] == pytest.approx(result.nodes.min() - 5 * 0.3)
+
+
+def test_kpm_has_no_quadrature():
+    op, _, _ = dense_case("indefinite")
+    result = spectral_density(op, method="kpm", num_probes=2, num_steps=20, seed=0)
+    assert result.nodes is None and result.weights is None and result.sigma is None
+
+
+def test_identity_gives_a_single_peak():
+    result = spectral_density(aslinearoperator(np.eye(30)), num_probes=2, num_steps=5, seed=0)
+    assert result.grid[np.argmax(result.density)] == pytest.approx(1.0, abs=0.01)
+
+
+def test_plot_draws_on_given_axes_with_a_log_option():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    op, _, _ = dense_case("zero_cluster")
+    result = spectral_density(op, num_probes=2, num_steps=20, seed=0)
+    figure, ax = plt.subplots()
+    assert result.plot(ax, log=True, color="red") is ax
+    assert ax.get_yscale() == "log" and len(ax.lines) == 1
+    assert result.plot().get_yscale() == "linear"
+    plt.close("all")
+    del figure
+
+
+def test_importing_curvop_does_not_import_matplotlib():
+    code = "import sys, curvop; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

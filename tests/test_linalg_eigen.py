@@ -1,0 +1,86 @@
+"""top_eigenvalues against dense matrices of known spectrum."""
+
+import numpy as np
+import pytest
+from linalg_cases import OUTLIERS, SPECTRA, N, dense_case
+from scipy.sparse.linalg import aslinearoperator
+
+from curvop import top_eigenvalues
+
+
+def expected(eigenvalues: np.ndarray, k: int, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.sort(eigenvalues)[::-1][:k]
+    if which == "SA":
+        return np.sort(eigenvalues)[:k]
+    return eigenvalues[np.argsort(-np.abs(eigenvalues), kind="stable")][:k]
+
+
+CASES = [(name, which) for name in SPECTRA for which in ("LA", "LM", "SA")]
+CASES.remove(("decaying", "SA"))  # a graded cluster at the wanted end: see the test below
+
+
+@pytest.mark.parametrize(("name", "which"), CASES)
+@pytest.mark.parametrize("k", [1, 4])
+def test_eigenpairs_match_the_known_spectrum(name, which, k):
+    op, A, eigenvalues = dense_case(name)
+    scale = np.abs(eigenvalues).max()
+    values, vectors = top_eigenvalues(op, k, which=which, return_eigenvectors=True, seed=0)
+    np.testing.assert_allclose(values, expected(eigenvalues, k, which), atol=1e-10 * scale)
+    assert vectors.shape == (N, k)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=1e-8)
+    residuals = np.linalg.norm(A @ vectors - vectors * values, axis=0)
+    assert residuals.max() <= 1e-8 * scale
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_smallest_of_a_zero_cluster_never_fails(k):
+    """Plain eigsh(which="SA") raises ArpackNoConvergence for some starts here."""
+    op, A, _ = dense_case("zero_cluster")
+    for seed in range(30):
+        values, vectors = top_eigenvalues(op, k, which="SA", return_eigenvectors=True, seed=seed)
+        np.testing.assert_allclose(values, 0.0, atol=1e-10 * OUTLIERS.max())
+        assert np.linalg.norm(A @ vectors, axis=0).max() <= 1e-8 * OUTLIERS.max()
+
+
+def test_multiple_eigenvalues_come_back_with_their_multiplicity():
+    """One Krylov space sees a single vector per distinct eigenvalue; deflation finds the rest."""
+    op, _, _ = dense_case("zero_cluster")
+    values, vectors = top_eigenvalues(op, 10, which="SA", return_eigenvectors=True, seed=0)
+    np.testing.assert_allclose(values, 0.0, atol=1e-10 * OUTLIERS.max())
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(10), atol=1e-6)
+
+
+def test_graded_bottom_end_is_found_to_tol_times_the_norm():
+    """Eigenvalues 1e-9 apart near zero, in a spectrum of width 1: a Krylov method resolves them
+    only to its tolerance, relative to the norm (tol=0 would exhaust ARPACK's iterations)."""
+    op, _, eigenvalues = dense_case("decaying")
+    tol = 1e-6
+    values = top_eigenvalues(op, 4, which="SA", tol=tol, seed=0)
+    assert np.all(np.diff(values) >= 0)
+    np.testing.assert_allclose(values, eigenvalues[:4], atol=5 * tol * eigenvalues.max())
+
+
+def test_largest_past_the_rank_returns_the_outliers_then_zeros():
+    op, _, _ = dense_case("zero_cluster")
+    values = top_eigenvalues(op, 10, seed=1)
+    np.testing.assert_allclose(values, np.concatenate([OUTLIERS, [0.0, 0.0]]), atol=1e-10 * 10)
+
+
+def test_float32_operator_meets_1e4_relative_on_the_top_eigenvalue():
+    op, _, eigenvalues = dense_case("decaying", dtype=np.float32)
+    values = top_eigenvalues(op, 3, seed=0)
+    np.testing.assert_allclose(values, eigenvalues[::-1][:3], rtol=1e-4)
+
+
+def test_zero_operator_has_zero_eigenvalues():
+    values = top_eigenvalues(aslinearoperator(np.zeros((20, 20))), 2, which="SA", seed=0)
+    np.testing.assert_array_equal(values, [0.0, 0.0])
+
+
+def test_same_seed_same_result():
+    op, _, _ = dense_case("indefinite")
+    first = top_eigenvalues(op, 3, which="LM", return_eigenvectors=True, seed=5)
+    second = top_eigenvalues(op, 3, which="LM", return_eigenvectors=True, seed=5)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,65 @@
+"""lanczos: extremes, the full spectrum without ghosts, early stopping."""
+
+import numpy as np
+import pytest
+import torch
+from linalg_cases import OUTLIERS, N, dense_case
+from scipy.linalg import eigh_tridiagonal
+
+from curvop import lanczos
+
+
+def ritz_values(alphas, betas):
+    return eigh_tridiagonal(alphas, betas, eigvals_only=True)
+
+
+def test_extremes_match_the_true_extremes():
+    op, _, eigenvalues = dense_case("indefinite")
+    alphas, betas = lanczos(op, 40, seed=0)
+    assert alphas.shape == (40,) and betas.shape == (39,)
+    ritz = ritz_values(alphas, betas)
+    width = eigenvalues[-1] - eigenvalues[0]
+    assert eigenvalues[0] - 1e-12 <= ritz[0] <= eigenvalues[0] + 1e-4 * width  # interlacing
+    assert eigenvalues[-1] - 1e-4 * width <= ritz[-1] <= eigenvalues[-1] + 1e-12
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_n_steps_reproduce_the_whole_spectrum_without_ghosts(dtype):
+    """Without reorthogonalization, converged Ritz values repeat (ghosts), worst in float32."""
+    op, _, eigenvalues = dense_case("indefinite", dtype=dtype)
+    alphas, betas = lanczos(op, N, seed=0)
+    ritz = ritz_values(alphas, betas)
+    tolerance = 1e-10 if dtype == np.float64 else 1e-5
+    assert len(ritz) == N
+    np.testing.assert_allclose(ritz, eigenvalues, atol=tolerance * 3)
+
+
+def test_stops_early_on_an_invariant_subspace():
+    op, _, _ = dense_case("zero_cluster")
+    alphas, betas = lanczos(op, 50, seed=0)
+    assert len(alphas) == len(OUTLIERS) + 1 and len(betas) == len(alphas) - 1
+    ritz = ritz_values(alphas, betas)
+    np.testing.assert_allclose(ritz, np.concatenate([[0.0], np.sort(OUTLIERS)]), atol=1e-10)
+
+
+def test_an_eigenvector_start_gives_one_step():
+    op, A, eigenvalues = dense_case("indefinite")
+    vector = np.linalg.eigh(A)[1][:, 7]
+    alphas, betas = lanczos(op, 10, v0=torch.tensor(3 * vector))
+    assert len(alphas) == 1 and len(betas) == 0
+    assert alphas[0] == pytest.approx(eigenvalues[7], abs=1e-12)
+
+
+def test_v0_is_deterministic_and_the_first_alpha_is_its_rayleigh_quotient():
+    op, A, _ = dense_case("decaying")
+    v0 = np.random.default_rng(3).standard_normal(N)
+    first, second = lanczos(op, 12, v0=v0), lanczos(op, 12, v0=v0)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert first[0][0] == pytest.approx(v0 @ A @ v0 / (v0 @ v0), rel=1e-12)
+
+
+def test_more_steps_than_n_stop_at_n():
+    op, _, _ = dense_case("indefinite")
+    alphas, _ = lanczos(op, N + 30, seed=1)
+    assert len(alphas) <= N

@@ -1,0 +1,54 @@
+"""Every randomized function is reproducible per seed and leaves the global RNGs alone."""
+
+import numpy as np
+import pytest
+import torch
+from linalg_cases import dense_case, hessian
+
+from curvop import (
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    spectral_density,
+    top_eigenvalues,
+    xdiag,
+    xtrace,
+)
+
+RUNS = {
+    "top_eigenvalues": lambda op, seed: top_eigenvalues(op, 2, which="SA", seed=seed),
+    "lanczos": lambda op, seed: np.concatenate(lanczos(op, 8, seed=seed)),
+    "hutchinson_trace": lambda op, seed: hutchinson_trace(op, 6, seed=seed).value,
+    "hutchpp_trace": lambda op, seed: hutchpp_trace(op, 6, seed=seed).value,
+    "xtrace": lambda op, seed: xtrace(op, 6, seed=seed).value,
+    "hutchinson_diagonal": lambda op, seed: hutchinson_diagonal(op, 6, seed=seed),
+    "xdiag": lambda op, seed: xdiag(op, 6, seed=seed),
+    "slq": lambda op, seed: spectral_density(op, num_probes=3, num_steps=8, seed=seed).density,
+    "kpm": lambda op, seed: (
+        spectral_density(op, method="kpm", num_probes=3, num_steps=8, seed=seed).density
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=["dense", "curvop"])
+def op(request):
+    return dense_case("indefinite")[0] if request.param == "dense" else hessian()
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_same_seed_same_result_other_seed_other_result(op, name):
+    run = RUNS[name]
+    np.testing.assert_array_equal(run(op, 3), run(op, 3))
+    if name != "top_eigenvalues":  # eigenvalues do not depend on the start
+        assert not np.array_equal(run(op, 3), run(op, 4))
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("seed", [0, None])
+def test_global_random_state_is_untouched(op, name, seed):
+    numpy_state, torch_state = np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
+    RUNS[name](op, seed)
+    after = np.random.get_state()  # noqa: NPY002
+    assert all(np.array_equal(a, b) for a, b in zip(numpy_state, after, strict=True))
+    assert torch.equal(torch_state, torch.get_rng_state())

@@ -1,0 +1,96 @@
+"""solve_damped: both solvers to the requested tolerance, the kinds of b, the warning path."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from linalg_cases import N, dense_case
+
+from curvop import ConvergenceWarning, SolveResult, solve_damped
+
+RHS = np.random.default_rng(1).standard_normal(N)
+
+
+def damped_residual(A, damping, x, b):
+    return np.linalg.norm(b - (A + damping * np.eye(N)) @ np.asarray(x, dtype=np.float64))
+
+
+@pytest.mark.parametrize(
+    ("name", "damping", "method"),
+    [
+        ("decaying", 1e-2, "cg"),
+        ("zero_cluster", 1e-3, "cg"),
+        ("decaying", 1e-2, "minres"),
+        ("indefinite", 0.5, "minres"),  # A + 0.5 I is indefinite
+        ("indefinite", -3.5, "minres"),  # negative shift: negative definite
+    ],
+)
+@pytest.mark.parametrize("rtol", [1e-6, 1e-10])
+def test_solves_to_the_requested_tolerance(name, damping, method, rtol):
+    op, A, _ = dense_case(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = solve_damped(op, RHS, damping, method=method, rtol=rtol)
+    assert isinstance(result, SolveResult) and result.converged
+    true_residual = damped_residual(A, damping, result.x, RHS)
+    assert true_residual <= rtol * np.linalg.norm(RHS)
+    rounding = 1e-13 * (np.linalg.norm(A, 2) * np.linalg.norm(result.x) + np.linalg.norm(RHS))
+    assert result.residual_norm == pytest.approx(true_residual, abs=rounding)
+    exact = np.linalg.solve(A + damping * np.eye(N), RHS)
+    condition = np.linalg.cond(A + damping * np.eye(N))
+    assert np.linalg.norm(result.x - exact) <= 2 * condition * rtol * np.linalg.norm(exact)
+
+
+def test_torch_in_torch_out():
+    op, A, _ = dense_case("decaying")
+    b = torch.tensor(RHS, dtype=torch.float32)
+    result = solve_damped(op, b, 0.1)
+    assert isinstance(result.x, torch.Tensor)
+    assert result.x.dtype == torch.float32 and result.x.device == b.device
+    assert damped_residual(A, 0.1, result.x.numpy(), RHS) <= 1e-5 * np.linalg.norm(RHS)
+
+
+def test_numpy_float32_in_float32_out():
+    op, _, _ = dense_case("decaying")
+    assert solve_damped(op, RHS.astype(np.float32), 0.1).x.dtype == np.float32
+
+
+def test_nonconvergence_warns_and_suggests_remedies():
+    op, A, _ = dense_case("zero_cluster")
+    with pytest.warns(ConvergenceWarning, match="did not converge.*damping.*minres"):
+        result = solve_damped(op, RHS, 1e-4, maxiter=3)
+    assert not result.converged
+    assert result.num_iterations == 3
+    assert result.residual_norm == pytest.approx(damped_residual(A, 1e-4, result.x, RHS))
+
+
+def test_callback_sees_every_iterate_as_the_kind_of_b():
+    op, A, _ = dense_case("decaying")
+    history = []
+    result = solve_damped(op, torch.tensor(RHS), 1e-2, callback=lambda x: history.append(x.clone()))
+    assert len(history) == result.num_iterations > 1
+    assert all(isinstance(x, torch.Tensor) for x in history)
+    residuals = [damped_residual(A, 1e-2, x.numpy(), RHS) for x in history]
+    assert residuals[-1] < 1e-4 * residuals[0]
+
+
+def test_exact_initial_guess_takes_no_iteration():
+    op, A, _ = dense_case("decaying")
+    exact = np.linalg.solve(A + 0.1 * np.eye(N), RHS)
+    result = solve_damped(op, RHS, 0.1, x0=exact, rtol=1e-8)
+    assert result.converged and result.num_iterations == 0
+
+
+def test_preconditioner_is_used():
+    op, A, _ = dense_case("decaying")
+    plain = solve_damped(op, RHS, 1e-3, rtol=1e-8)
+    exact_inverse = np.linalg.inv(A + 1e-3 * np.eye(N))
+    preconditioned = solve_damped(op, RHS, 1e-3, rtol=1e-8, M=exact_inverse)
+    assert preconditioned.converged and preconditioned.num_iterations < plain.num_iterations
+
+
+def test_unpacks_into_four_fields():
+    op, _, _ = dense_case("decaying")
+    x, converged, num_iterations, residual_norm = solve_damped(op, RHS, 0.1)
+    assert converged and num_iterations > 0 and residual_norm >= 0 and x.shape == (N,)

@@ -1,0 +1,104 @@
+"""Trace estimators: unbiasedness within standard errors, accuracy ranking, exactness."""
+
+import numpy as np
+import pytest
+import torch
+from linalg_cases import OUTLIERS, dense_case, hutchinson_std, rotated
+from scipy.sparse.linalg import aslinearoperator
+
+from curvop import Estimate, hutchinson_trace, hutchpp_trace, xtrace
+from curvop.linalg.probes import draw_probes, make_generator
+
+SEEDS = range(10)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian", "sparse_rademacher"])
+def test_hutchinson_is_within_a_few_standard_errors(distribution):
+    op, A, eigenvalues = dense_case("indefinite")
+    errors = []
+    for seed in SEEDS:
+        estimate = hutchinson_trace(op, 40, distribution=distribution, seed=seed)
+        assert isinstance(estimate, Estimate) and estimate.num_matvecs == 40
+        assert float(estimate) == estimate.value
+        errors.append((estimate.value - eigenvalues.sum()) / estimate.std_error)
+    assert np.abs(errors).max() < 4.5
+    assert np.mean(errors) == pytest.approx(0.0, abs=4 / np.sqrt(len(SEEDS)))
+
+
+def test_hutchinson_standard_error_matches_theory():
+    op, A, _ = dense_case("indefinite")
+    std_errors = [hutchinson_trace(op, 200, seed=seed).std_error for seed in SEEDS]
+    assert np.mean(std_errors) == pytest.approx(hutchinson_std(A, 200), rel=0.15)
+
+
+def test_a_single_probe_has_no_standard_error():
+    op, _, _ = dense_case("decaying")
+    assert np.isnan(hutchinson_trace(op, 1, seed=0).std_error)
+
+
+def mean_error(estimator, op, truth, num_matvecs):
+    return np.mean([abs(estimator(op, num_matvecs, seed=s).value - truth) for s in SEEDS])
+
+
+def test_hutchpp_and_xtrace_beat_hutchinson_on_a_decaying_spectrum():
+    op, _, eigenvalues = dense_case("decaying")
+    truth = eigenvalues.sum()
+    hutchinson = mean_error(hutchinson_trace, op, truth, 60)
+    hutchpp = mean_error(hutchpp_trace, op, truth, 60)
+    assert hutchpp < 0.3 * hutchinson
+    assert mean_error(xtrace, op, truth, 60) < 0.5 * hutchpp  # every product used twice
+
+
+@pytest.mark.parametrize("estimator", [hutchpp_trace, xtrace])
+def test_variance_reduced_estimators_stay_unbiased(estimator):
+    op, A, eigenvalues = dense_case("indefinite")
+    scale = hutchinson_std(A, 10)  # at worst the Monte-Carlo part of 10 probes
+    errors = [(estimator(op, 30, seed=seed).value - eigenvalues.sum()) / scale for seed in SEEDS]
+    assert np.mean(errors) == pytest.approx(0.0, abs=4 / np.sqrt(len(SEEDS)))
+
+
+def test_xtrace_is_exact_on_a_low_rank_matrix():
+    """The sketch is rank-deficient (9 probes, rank 8): the textbook R^{-1} formula breaks."""
+    op, _, _ = dense_case("zero_cluster")
+    estimate = xtrace(op, 2 * (len(OUTLIERS) + 1), seed=0)
+    assert estimate.value == pytest.approx(OUTLIERS.sum(), rel=1e-12)
+    assert estimate.std_error < 1e-12 * OUTLIERS.sum()
+    assert estimate.num_matvecs == len(OUTLIERS) + 1 + len(OUTLIERS)
+
+
+def test_xtrace_stays_exact_on_an_axis_aligned_low_rank_matrix():
+    """Rademacher probes would repeat sign patterns here and miss directions; Gaussians do not."""
+    A = np.diag(np.concatenate([[3.0, -1.0], np.zeros(48)]))
+    for seed in SEEDS:
+        assert xtrace(aslinearoperator(A), 8, seed=seed).value == pytest.approx(2.0, rel=1e-12)
+
+
+def test_hutchpp_is_exact_when_its_sketch_covers_the_rank():
+    op, _, _ = dense_case("zero_cluster")
+    estimate = hutchpp_trace(op, 3 * len(OUTLIERS), seed=0)
+    assert estimate.value == pytest.approx(OUTLIERS.sum(), rel=1e-10)
+    assert estimate.num_matvecs == 3 * len(OUTLIERS)
+
+
+def test_xtrace_matches_its_leave_one_out_definition():
+    """Full-rank sketch: each t_i uses an explicit orthonormal basis of the other products."""
+    n, probes = 40, 6
+    A = rotated(np.random.default_rng(2).standard_normal(n), seed=4)
+    omega = draw_probes(
+        n,
+        probes,
+        distribution="gaussian",
+        generator=make_generator(7),
+        dtype=torch.float64,
+        device="cpu",
+    ).numpy()
+    Y = A @ omega
+    samples = []
+    for i in range(probes):
+        basis, _ = np.linalg.qr(np.delete(Y, i, axis=1))
+        rest = np.eye(n) - basis @ basis.T
+        samples.append(np.trace(basis.T @ A @ basis) + omega[:, i] @ rest @ A @ rest @ omega[:, i])
+    estimate = xtrace(aslinearoperator(A), 2 * probes, seed=7)
+    assert estimate.value == pytest.approx(np.mean(samples), rel=1e-10)
+    expected_error = np.std(samples, ddof=1) / np.sqrt(probes)
+    assert estimate.std_error == pytest.approx(expected_error, rel=1e-8)
