@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["vjp_columns"]
+__all__ = ["vjp", "vjp_columns"]
 
 
 def vjp_columns(
@@ -51,3 +51,21 @@ def vjp_columns(
         x.new_zeros((k, *x.shape)) if g is None else (g if batched else g.unsqueeze(0))
         for g, x in zip(grads, inputs, strict=True)
     ]
+
+
+def vjp(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    cotangent: torch.Tensor | None = None,
+    *,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    r"""One vector-Jacobian product :math:`(\partial \mathrm{output} / \partial \mathrm{inputs})^\top c`.
+
+    ``cotangent`` defaults to ones (the gradient of a scalar ``output``). The single-column case
+    of :func:`vjp_columns`, with its zeros for inputs that do not influence ``output`` (also when
+    ``output`` does not depend on the graph at all, e.g. only unused parameters are selected).
+    """
+    cotangent = torch.ones_like(output) if cotangent is None else cotangent
+    columns = vjp_columns([output], inputs, [cotangent.unsqueeze(0)], create_graph=create_graph)
+    return [column[0] for column in columns]

@@ -43,9 +43,16 @@ class Batch:
         return (self.inputs,), {}
 
     def tensors(self) -> list[torch.Tensor]:
-        args, kwargs = self.model_args()
-        items = [*args, *kwargs.values(), self.targets]
-        return [t for t in items if isinstance(t, torch.Tensor)]
+        """Every tensor of the batch, nested ones (in tuples, lists, dicts) included."""
+        return list(_tensors((self.inputs, self.targets)))
+
+
+def _tensors(item: Any) -> Iterator[torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        yield item
+    elif isinstance(item, dict | tuple | list):
+        for value in item.values() if isinstance(item, dict) else item:
+            yield from _tensors(value)
 
 
 def is_single_batch(data: Any) -> bool:
@@ -64,12 +71,24 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
 
 
 def _fingerprint(batch: Batch) -> torch.Tensor:
-    """Sum and sum of squares of every tensor of the batch, in float64, without a host sync."""
+    """Sum and sum of squares of every tensor of the batch, in float64, without a host sync.
+
+    Each sample's sums are sorted before they are added up, so the fingerprint is bitwise
+    invariant to the order of samples inside a batch (a plain sum is not: floating-point addition
+    is not associative), as is a mean or sum loss.
+    """
     stats = []
     for tensor in batch.tensors():
-        values = tensor.detach().to(torch.float64)
-        stats += [values.sum(), values.square().sum()]
+        rows = torch.atleast_1d(tensor.detach().to(torch.float64)).unsqueeze(-1).flatten(1)
+        for values in (rows, rows.square()):
+            stats.append(values.sum(1).sort().values.sum())
     return torch.stack(stats)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of fingerprints, with NaN equal to NaN (a NaN in the data is reported as a
+    non-finite product, not as data that changed)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 class DataSource:
@@ -103,6 +122,11 @@ class DataSource:
             )
         if hasattr(self._data, "__len__") and len(self._data) == 0:
             raise ValueError("data must contain at least one batch, got an empty collection")
+        if is_single_batch(data) and data[1].dim() > 0 and data[1].shape[0] == 0:
+            raise ValueError(
+                f"data must contain at least one sample, got a batch with targets of shape "
+                f"{tuple(data[1].shape)}"
+            )
         self.device = device
         self._reference: tuple[list[tuple], list[torch.Tensor]] | None = None
 
@@ -140,9 +164,11 @@ class DataSource:
         reference_shapes, reference_stats = self._reference
         if len(shapes) != len(reference_shapes):
             self._raise_changed(f"{len(shapes)} batches instead of {len(reference_shapes)}")
-        if not torch.equal(torch.cat(stats), torch.cat(reference_stats)):
+        if not _same(torch.cat(stats), torch.cat(reference_stats)):
             first = next(
-                i for i, (a, b) in enumerate(zip(stats, reference_stats, strict=True)) if not torch.equal(a, b)
+                i
+                for i, (a, b) in enumerate(zip(stats, reference_stats, strict=True))
+                if not _same(a, b)
             )
             self._raise_changed(f"the contents of batch {first} changed")
 

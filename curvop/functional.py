@@ -22,6 +22,7 @@ from .operators.base import CurvatureOperator
 from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernel
 from .operators.gauss_newton import gauss_newton_columns
 from .operators.hessian import hessian_columns
+from .validation import check_positive_int, check_real
 
 __all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "hessian_trace", "model_hvp"]
 
@@ -29,8 +30,9 @@ Tensors = torch.Tensor | list[torch.Tensor]
 
 
 def _multiply(operator: CurvatureOperator, v: torch.Tensor | Sequence[torch.Tensor]) -> Tensors:
-    vectors = as_tensor_list(v, "v")
-    result = operator.layout.unflatten(operator.apply(operator.layout.flatten(vectors)))
+    layout = operator.layout
+    flat = layout.check_vector(layout.flatten(as_tensor_list(v, "v"), "v"), "v")
+    result = layout.unflatten(operator.apply(flat))
     return result[0] if len(result) == 1 else result
 
 
@@ -62,6 +64,7 @@ def approximate_hvp(
     ``num_samples`` averages that many evaluations of a stochastic ``func`` (each draws its own
     random numbers; both sides of a difference share them).
     """
+    damping = check_real(damping, "damping")
     objective = ClosureObjective(func, params, num_samples=num_samples)
     operator = FiniteDifferenceHessianOperator._from_parts(objective, _kernel(None, "central"))
     product = _multiply(operator, v)
@@ -74,6 +77,8 @@ def approximate_hvp(
 
 
 def _model_operator(model: nn.Module, loss_fn, x, y, kernel) -> CurvatureOperator:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor of targets, got {type(y).__name__}")
     params = resolve_params(model, list(model.parameters()))
     objective = ModelObjective(model, loss_fn, (x, y), params)
     return CurvatureOperator._from_parts(objective, kernel, reduction="sum")
@@ -127,8 +132,7 @@ def hessian_trace(
     :math:`1/\sqrt{0.1}`, which keeps the estimate unbiased. All probes are multiplied in one
     block product.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    check_positive_int(num_samples, "num_samples")
     kernel = functools.partial(hessian_columns, create_graph=create_graph)
     operator = CurvatureOperator._from_parts(ClosureObjective(func, params), kernel)
     layout = operator.layout

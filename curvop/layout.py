@@ -75,21 +75,21 @@ class ParamLayout:
     def __repr__(self) -> str:
         return f"ParamLayout(size={self.size}, tensors={len(self.shapes)}, dtype={self.dtype})"
 
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def flatten(self, tensors: Sequence[torch.Tensor], name: str = "tensors") -> torch.Tensor:
         """Concatenate parameter-shaped tensors into a flat ``(size,)`` or ``(size, k)`` tensor.
 
         Each tensor has its parameter's shape, optionally followed by one column axis ``k``
-        (the same ``k`` for all).
+        (the same ``k`` for all). ``name`` is the argument named in error messages.
         """
-        tensors = as_tensor_list(tensors, "tensors")
+        tensors = as_tensor_list(tensors, name)
         if len(tensors) != len(self.shapes):
-            raise ValueError(f"tensors must hold {len(self.shapes)} tensors, got {len(tensors)}")
+            raise ValueError(f"{name} must hold {len(self.shapes)} tensors, got {len(tensors)}")
         first, shape0 = tensors[0], self.shapes[0]
         columns = first.shape[len(shape0) :] if first.dim() == len(shape0) + 1 else ()
         for i, (t, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
             if t.shape != torch.Size((*shape, *columns)):
                 raise ValueError(
-                    f"tensors[{i}] must have shape {tuple(shape) + tuple(columns)}, "
+                    f"{name}[{i}] must have shape {tuple(shape) + tuple(columns)}, "
                     f"got {tuple(t.shape)}"
                 )
         return torch.cat([t.reshape(-1, *columns) for t in tensors])

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from .data import Batch, DataSource
 from .layout import as_tensor_list
+from .validation import check_positive_int
 
 __all__ = ["ClosureObjective", "ModelObjective", "check_scalar_loss", "resolve_params"]
 
@@ -65,19 +66,25 @@ def resolve_params(model: nn.Module, params: Sequence[torch.Tensor] | None) -> l
             raise ValueError("params: the model has no parameters that require grad")
         return chosen
     chosen = as_tensor_list(params, "params")
-    if not chosen:
-        raise ValueError("params must contain at least one parameter, got an empty sequence")
     owned = {id(p) for p in model.parameters()}
     for i, p in enumerate(chosen):
         if id(p) not in owned:
             raise ValueError(
                 f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model"
             )
+    return check_differentiable(chosen)
+
+
+def check_differentiable(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Raise unless ``params`` is non-empty, every tensor requires grad and none appears twice."""
+    if not params:
+        raise ValueError("params must contain at least one parameter, got an empty sequence")
+    for i, p in enumerate(params):
         if not p.requires_grad:
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
-    if len({id(p) for p in chosen}) != len(chosen):
+    if len({id(p) for p in params}) != len(params):
         raise ValueError("params must not contain the same parameter twice")
-    return chosen
+    return params
 
 
 class ModelObjective:
@@ -146,13 +153,9 @@ class ClosureObjective:
     ):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
-        self.func, self.params = func, as_tensor_list(params, "params")
-        for i, p in enumerate(self.params):
-            if not p.requires_grad:
-                raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self.num_samples, self.seed = num_samples, seed
+        self.func, self.params = func, check_differentiable(as_tensor_list(params, "params"))
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.seed = seed
 
     def batches(self) -> Iterator[Batch]:
         scalar = torch.zeros(())

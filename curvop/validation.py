@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_positive_int", "check_real"]
+__all__ = ["check_positive_int", "check_real", "check_seed"]
 
 
 def check_real(value: Any, name: str, *, positive: bool = False) -> float:
@@ -29,3 +29,12 @@ def check_positive_int(value: Any, name: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_seed(seed: Any) -> int | None:
+    """``None`` or an integer seed (bools excluded), else raise ``TypeError``."""
+    if seed is None:
+        return None
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+    return int(seed)

@@ -134,6 +134,15 @@ CASES = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: intra-op threads only fight over the cores (several times slower when shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=CASES, ids=[case.name for case in CASES])
 def case(request) -> Case:
     return request.param

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 
 from ..validation import check_positive_int
 
-__all__ = ["as_float64_vector", "check_choice", "check_optional_positive_int", "check_seed"]
+__all__ = ["as_float64_vector", "check_choice", "check_optional_positive_int"]
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -24,15 +23,6 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 def check_optional_positive_int(value: Any, name: str) -> int | None:
     """``None``, or ``value`` checked to be an integer ``>= 1``."""
     return None if value is None else check_positive_int(value, name)
-
-
-def check_seed(seed: Any) -> int | None:
-    """``None`` or an integer seed (bools excluded), else raise ``TypeError``."""
-    if seed is None:
-        return None
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
-    return int(seed)
 
 
 def as_float64_vector(vector: Any, name: str, n: int) -> np.ndarray:

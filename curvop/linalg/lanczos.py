@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..validation import check_positive_int
+from ..validation import check_positive_int, check_seed
 from .adapter import BlockOperator, as_block_operator
-from .checks import as_float64_vector, check_seed
+from .checks import as_float64_vector
 from .probes import make_generator
 
 __all__ = ["LanczosRun", "lanczos", "lanczos_block"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_seed
+from ..validation import check_seed
 
 __all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator"]
 

@@ -14,6 +14,7 @@ from torch import nn
 from ..data import Batch
 from ..layout import ParamLayout
 from ..objective import ClosureObjective, ModelObjective, resolve_params
+from ..validation import check_positive_int, check_real, check_seed
 
 __all__ = ["CurvatureOperator", "resolve_reduction"]
 
@@ -32,11 +33,23 @@ def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
         )
     chosen = from_loss or reduction or "mean"
     if chosen not in REDUCTIONS:
+        name = "loss_fn.reduction" if from_loss else "reduction"
         raise ValueError(
-            f"reduction must be one of {REDUCTIONS}, got {chosen!r}: the operators need a scalar "
+            f"{name} must be one of {REDUCTIONS}, got {chosen!r}: the operators need a scalar "
             "loss per batch"
         )
     return chosen
+
+
+def _has_active_dropout(module: nn.Module) -> bool:
+    """Dropout modules, and attention with a dropout rate, in training mode with a positive rate."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        rate = module.p
+    elif isinstance(module, nn.MultiheadAttention):
+        rate = module.dropout
+    else:
+        return False
+    return module.training and rate > 0
 
 
 def warn_active_dropout(model: nn.Module) -> None:
@@ -44,7 +57,7 @@ def warn_active_dropout(model: nn.Module) -> None:
     active = [
         name or type(module).__name__
         for name, module in model.named_modules()
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+        if _has_active_dropout(module)
     ]
     if active:
         warnings.warn(
@@ -52,7 +65,7 @@ def warn_active_dropout(model: nn.Module) -> None:
             "represents the curvature under one fixed dropout mask per batch (curvop seeds it so "
             "that products agree). Call model.eval() for the curvature of the deterministic network.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's line: warn <- _model_objective <- __init__ <- user
         )
 
 
@@ -99,7 +112,9 @@ class CurvatureOperator(LinearOperator):
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Multiply a torch ``(n,)`` or ``(n, k)`` tensor, on the parameters' device and dtype.
 
-        All ``k`` columns are multiplied in a single pass over the data.
+        All ``k`` columns are multiplied in a single pass over the data. Works inside
+        ``torch.no_grad()`` and ``torch.inference_mode()`` blocks: the kernels differentiate
+        with autograd enabled locally.
         """
         V = self.layout.check_vector(V, "V")
         block = V if V.dim() == 2 else V.unsqueeze(1)
@@ -109,22 +124,26 @@ class CurvatureOperator(LinearOperator):
         accumulated = torch.zeros(block.shape, dtype=torch.float64, device=block.device)
         finite_flags, total_samples = [], 0
         for batch in self._objective.batches():
-            products = self._kernel(self._objective, batch, columns)
+            with torch.inference_mode(False), torch.enable_grad():
+                products = self._kernel(self._objective, batch, columns)
             flat = self.layout.flatten([p.movedim(0, -1) for p in products])
             finite_flags.append(torch.isfinite(flat).all())
             weight = batch.num_samples if self.reduction == "mean" else 1
             accumulated = accumulated + weight * flat.to(torch.float64)
             total_samples += batch.num_samples
-        self._check_finite(finite_flags)
+        self._check_finite(finite_flags, V)
         if self.reduction == "mean":
             accumulated = accumulated / total_samples
         result = accumulated.to(self.layout.dtype)
         return result if V.dim() == 2 else result.squeeze(1)
 
     @staticmethod
-    def _check_finite(flags: list[torch.Tensor]) -> None:
+    def _check_finite(flags: list[torch.Tensor], V: torch.Tensor) -> None:
+        """One host sync per product; on failure, blame ``V`` itself or the first bad batch."""
         finite = torch.stack(flags)
         if not bool(finite.all()):
+            if not bool(torch.isfinite(V).all()):
+                raise ValueError("V must be finite, got a vector that contains NaN or Inf")
             first = int((~finite).nonzero()[0])
             raise FloatingPointError(
                 f"the product is not finite: batch {first} gave NaN or Inf (check the inputs and "
@@ -138,7 +157,7 @@ class CurvatureOperator(LinearOperator):
         pass a larger ``max_size`` to allow it.
         """
         n = self.shape[0]
-        if n > max_size:
+        if check_positive_int(max_size, "max_size") < n:
             raise ValueError(
                 f"to_dense: the operator has n={n} > max_size={max_size}, the dense matrix would "
                 f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
@@ -162,8 +181,9 @@ class CurvatureOperator(LinearOperator):
         RuntimeError
             If the two products differ by more than ``rtol``.
         """
-        rtol = 1000 * torch.finfo(self.layout.dtype).eps if rtol is None else rtol
-        generator = torch.Generator(device=self.layout.device).manual_seed(seed)
+        eps = torch.finfo(self.layout.dtype).eps
+        rtol = 1000 * eps if rtol is None else check_real(rtol, "rtol", positive=True)
+        generator = torch.Generator(device=self.layout.device).manual_seed(check_seed(seed) or 0)
         v = torch.randn(
             self.shape[0], generator=generator, dtype=self.layout.dtype, device=self.layout.device
         )
@@ -180,6 +200,27 @@ class CurvatureOperator(LinearOperator):
         return gap
 
     # ------------------------------------------------------------------ SciPy interface
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``A @ x`` for numpy ``x`` of shape ``(n,)`` or ``(n, 1)``."""
+        return super().matvec(self._check_shape(x, "x", vector=True))
+
+    def matmat(self, X: np.ndarray) -> np.ndarray:
+        """``A @ X`` for numpy ``X`` of shape ``(n, k)``, in one pass over the data."""
+        return super().matmat(self._check_shape(X, "X", vector=False))
+
+    rmatvec = matvec  # curvature matrices are symmetric
+    rmatmat = matmat
+
+    def _check_shape(self, x: np.ndarray, name: str, *, vector: bool) -> np.ndarray:
+        """SciPy's own check says only "dimension mismatch": state expected and received."""
+        x = np.asanyarray(x)
+        n = self.shape[1]
+        valid = x.shape in ((n,), (n, 1)) if vector else (x.ndim == 2 and x.shape[0] == n)
+        if not valid:
+            expected = f"({n},) or ({n}, 1)" if vector else f"({n}, k)"
+            raise ValueError(f"{name} must have shape {expected}, got {x.shape}")
+        return x
+
     def _to_torch(self, X: np.ndarray) -> torch.Tensor:
         X = np.asarray(X)
         if np.iscomplexobj(X):

@@ -12,6 +12,7 @@ from torch import nn
 from ..autodiff import vjp
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective
+from ..validation import check_real
 from .base import CurvatureOperator, resolve_reduction
 
 __all__ = ["FiniteDifferenceHessianOperator", "finite_difference_columns", "SCHEMES"]
@@ -80,8 +81,7 @@ def finite_difference_columns(
 def _kernel(eps: float | None, scheme: str):
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if eps is not None and not (isinstance(eps, int | float) and eps > 0):
-        raise ValueError(f"eps must be a positive number or None, got {eps!r}")
+    eps = None if eps is None else check_real(eps, "eps", positive=True)
     return functools.partial(finite_difference_columns, eps=eps, scheme=scheme)
 
 

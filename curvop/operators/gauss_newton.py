@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..autodiff import vjp_columns
+from ..autodiff import vjp, vjp_columns
 from ..data import Batch
 from ..objective import ModelObjective
 from .base import CurvatureOperator, resolve_reduction
@@ -37,14 +37,12 @@ def gauss_newton_columns(
     params = objective.params
     output = objective.output(batch, params)
     dummy = torch.zeros_like(output, requires_grad=True)
-    transposed = torch.autograd.grad(
-        output, params, grad_outputs=dummy, create_graph=True, materialize_grads=True
-    )
+    transposed = vjp(output, params, dummy, create_graph=True)
     jv = vjp_columns(transposed, [dummy], columns, create_graph=create_graph)[0]
 
     detached = output.detach().requires_grad_()
     loss = objective.loss_of_output(batch, detached)
-    output_gradient = torch.autograd.grad(loss, detached, create_graph=True)[0]
+    output_gradient = vjp(loss, [detached], create_graph=True)[0]
     hjv = vjp_columns([output_gradient], [detached], [jv], create_graph=create_graph)[0]
     return vjp_columns([output], params, [hjv], create_graph=create_graph)
 
@@ -65,9 +63,10 @@ class GaussNewtonOperator(CurvatureOperator):
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     >>> G = GaussNewtonOperator(model, nn.CrossEntropyLoss(), (x, y))
-    >>> from scipy.sparse.linalg import cg
+    >>> from scipy.sparse.linalg import aslinearoperator, cg
     >>> import numpy as np
-    >>> x, info = cg(G + 1e-2 * np.eye(G.shape[0]), np.ones(G.shape[0]))
+    >>> damped = G + 1e-2 * aslinearoperator(np.eye(G.shape[0]))
+    >>> x, info = cg(damped, np.ones(G.shape[0]))
     """
 
     def __init__(

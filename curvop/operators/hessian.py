@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..autodiff import vjp_columns
+from ..autodiff import vjp, vjp_columns
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective
 from .base import CurvatureOperator, resolve_reduction
@@ -29,7 +29,7 @@ def hessian_columns(
     :math:`\langle \nabla_\theta \ell, v_j \rangle` for all ``k`` columns.
     """
     with objective.evaluated(batch) as (loss, leaves):
-        gradient = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
+        gradient = vjp(loss, leaves, create_graph=True)
         return vjp_columns(gradient, leaves, columns, create_graph=create_graph)
 
 
