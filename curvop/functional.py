@@ -76,12 +76,14 @@ def approximate_hvp(
     return product
 
 
-def _model_operator(model: nn.Module, loss_fn, x, y, kernel) -> CurvatureOperator:
+def _model_product(kernel, model: nn.Module, loss_fn, x, y, v, create_graph: bool) -> Tensors:
+    """``kernel`` of ``loss_fn(model(x), y)`` over all of ``model.parameters()`` times ``v``."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a tensor of targets, got {type(y).__name__}")
     params = resolve_params(model, list(model.parameters()))
     objective = ModelObjective(model, loss_fn, (x, y), params)
-    return CurvatureOperator._from_parts(objective, kernel, reduction="sum")
+    kernel = functools.partial(kernel, create_graph=create_graph)
+    return _multiply(CurvatureOperator._from_parts(objective, kernel, reduction="sum"), v)
 
 
 def model_hvp(
@@ -96,8 +98,7 @@ def model_hvp(
 
     The model is evaluated functionally: BatchNorm running statistics are not updated.
     """
-    kernel = functools.partial(hessian_columns, create_graph=create_graph)
-    return _multiply(_model_operator(model, loss_fn, x, y, kernel), v)
+    return _model_product(hessian_columns, model, loss_fn, x, y, v, create_graph)
 
 
 def gauss_newton_product(
@@ -112,8 +113,7 @@ def gauss_newton_product(
 
     A constant number of passes, whatever the number of outputs (no loop over them).
     """
-    kernel = functools.partial(gauss_newton_columns, create_graph=create_graph)
-    return _multiply(_model_operator(model, loss_fn, x, y, kernel), v)
+    return _model_product(gauss_newton_columns, model, loss_fn, x, y, v, create_graph)
 
 
 def hessian_trace(

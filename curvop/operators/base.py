@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,8 +66,16 @@ def warn_active_dropout(model: nn.Module) -> None:
             "represents the curvature under one fixed dropout mask per batch (curvop seeds it so "
             "that products agree). Call model.eval() for the curvature of the deterministic network.",
             UserWarning,
-            stacklevel=4,  # the user's line: warn <- _model_objective <- __init__ <- user
+            stacklevel=_first_frame_outside_curvop(),
         )
+
+
+def _first_frame_outside_curvop() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line, not at curvop's."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("curvop."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CurvatureOperator(LinearOperator):
@@ -76,6 +85,20 @@ class CurvatureOperator(LinearOperator):
     loops over the data once per product, weights the batches by their sample counts and converts
     between numpy and torch. Products accumulate over batches in float64.
 
+    Parameters
+    ----------
+    model
+        The network. It is never modified: parameters, buffers and ``training`` stay as they are.
+    loss_fn
+        ``loss_fn(output, targets) -> scalar``; its ``reduction`` attribute, when present, fixes
+        the reduction.
+    data
+        One ``(inputs, targets)`` batch or a re-iterable collection of batches.
+    params
+        The parameters to differentiate (default: all of the model's that require grad).
+    reduction
+        ``"mean"`` (default) or ``"sum"`` when ``loss_fn`` has no ``reduction`` attribute.
+
     Attributes
     ----------
     layout : ParamLayout
@@ -84,24 +107,32 @@ class CurvatureOperator(LinearOperator):
         ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
     """
 
-    def __init__(self, objective: Objective, kernel: Kernel, reduction: str = "mean"):
+    kernel: Kernel  # the curvature of one batch times a block of columns; set by each subclass
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+    ):
+        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params))
+        warn_active_dropout(model)
+        self._setup(objective, self.kernel, resolve_reduction(loss_fn, reduction))
+
+    def _setup(self, objective: Objective, kernel: Kernel, reduction: str) -> None:
         self._objective, self._kernel, self.reduction = objective, kernel, reduction
         self.layout = ParamLayout(objective.params)
         dtype = torch.empty((), dtype=self.layout.dtype).numpy().dtype
         super().__init__(dtype=dtype, shape=(self.layout.size, self.layout.size))
 
-    @staticmethod
-    def _model_objective(
-        model: nn.Module, loss_fn: Any, data: Any, params: Sequence[torch.Tensor] | None
-    ) -> ModelObjective:
-        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params))
-        warn_active_dropout(model)
-        return objective
-
     @classmethod
     def _from_parts(cls, objective: Objective, kernel: Kernel, reduction: str = "mean"):
+        """An operator of ``cls`` around any objective and kernel (closures, the functional API)."""
         operator = cls.__new__(cls)
-        CurvatureOperator.__init__(operator, objective, kernel, reduction)
+        operator._setup(objective, kernel, reduction)
         return operator
 
     def __repr__(self) -> str:

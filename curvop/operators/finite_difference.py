@@ -13,7 +13,7 @@ from ..autodiff import vjp
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective
 from ..validation import check_real
-from .base import CurvatureOperator, resolve_reduction
+from .base import CurvatureOperator
 
 __all__ = ["FiniteDifferenceHessianOperator", "finite_difference_columns", "SCHEMES"]
 
@@ -101,7 +101,7 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
     Parameters
     ----------
     model, loss_fn, data, params, reduction
-        As for :class:`HessianOperator`.
+        As for :class:`CurvatureOperator`.
     eps
         The step ``h`` in :math:`\theta \pm h v`; default
         :math:`\tfrac{1}{16}\sqrt{\varepsilon_{\mathrm{mach}}}\,(1 + \|\theta\|) / \|v\|`.
@@ -128,9 +128,8 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         eps: float | None = None,
         scheme: str = "central",
     ):
-        kernel = _kernel(eps, scheme)
-        objective = self._model_objective(model, loss_fn, data, params)
-        super().__init__(objective, kernel, resolve_reduction(loss_fn, reduction))
+        self.kernel = _kernel(eps, scheme)
+        super().__init__(model, loss_fn, data, params, reduction=reduction)
 
     @classmethod
     def from_function(

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
 from ..objective import ModelObjective
-from .base import CurvatureOperator, resolve_reduction
+from .base import CurvatureOperator
 
 __all__ = ["GaussNewtonOperator", "gauss_newton_columns"]
 
@@ -56,7 +54,7 @@ class GaussNewtonOperator(CurvatureOperator):
     loss is convex in the output, and equals the Hessian when the model is linear in its
     parameters. Batch weights :math:`w_b` are as in :class:`HessianOperator`.
 
-    Parameters are those of :class:`HessianOperator`. The model must return a tensor.
+    Parameters are those of :class:`CurvatureOperator`. The model must return a tensor.
 
     Examples
     --------
@@ -69,14 +67,4 @@ class GaussNewtonOperator(CurvatureOperator):
     >>> x, info = cg(damped, np.ones(G.shape[0]))
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-    ):
-        objective = self._model_objective(model, loss_fn, data, params)
-        super().__init__(objective, gauss_newton_columns, resolve_reduction(loss_fn, reduction))
+    kernel = staticmethod(gauss_newton_columns)

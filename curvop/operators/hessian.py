@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective
-from .base import CurvatureOperator, resolve_reduction
+from .base import CurvatureOperator
 
 __all__ = ["HessianOperator", "hessian_columns"]
 
@@ -45,19 +43,7 @@ class HessianOperator(CurvatureOperator):
     four gradient evaluations per batch for a single vector; a block of ``k`` columns is
     multiplied in one pass over the data with one batched backward pass per batch.
 
-    Parameters
-    ----------
-    model
-        The network. It is never modified: parameters, buffers and ``training`` stay as they are.
-    loss_fn
-        ``loss_fn(output, targets) -> scalar``; its ``reduction`` attribute, when present, fixes
-        the reduction.
-    data
-        One ``(inputs, targets)`` batch or a re-iterable collection of batches.
-    params
-        The parameters to differentiate (default: all of the model's that require grad).
-    reduction
-        ``"mean"`` (default) or ``"sum"`` when ``loss_fn`` has no ``reduction`` attribute.
+    Parameters are those of :class:`CurvatureOperator`.
 
     Examples
     --------
@@ -70,17 +56,7 @@ class HessianOperator(CurvatureOperator):
     >>> top = eigsh(H, k=1, which="LA", return_eigenvectors=False)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-    ):
-        objective = self._model_objective(model, loss_fn, data, params)
-        super().__init__(objective, hessian_columns, resolve_reduction(loss_fn, reduction))
+    kernel = staticmethod(hessian_columns)
 
     @classmethod
     def from_function(

@@ -1,0 +1,406 @@
+"""The ``curvop`` command: the main curvature report from a shell, without writing code.
+
+``curvop`` runs it on the built-in digits problem (:mod:`curvop.problems`), comparing the
+Hessian with the Gauss-Newton matrix; ``curvop analyze FILE.py:FUNCTION`` runs it on the user's
+``FUNCTION() -> (model, loss_fn, data)`` for one operator. The report is the top-k eigenvalues,
+a trace estimate with its standard error, the SLQ spectral density (a PNG, log scale) and a JSON
+summary of all of it. Bad arguments give a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+import curvop
+from curvop.problems import load_problem
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional (pip install 'curvop[demo]')
+    tqdm = None
+
+__all__ = ["main"]
+
+OPERATORS: dict[str, tuple[str, type[curvop.CurvatureOperator]]] = {
+    "hessian": ("Hessian", curvop.HessianOperator),
+    "ggn": ("GGN", curvop.GaussNewtonOperator),
+    "fd": ("FD Hessian", curvop.FiniteDifferenceHessianOperator),
+}
+DEFAULT_DENSITY, DEFAULT_JSON = "spectral_density.png", "curvop_summary.json"
+TRACE_MATVECS = 60
+DENSITY_PROBES, DENSITY_STEPS = 10, 80
+
+
+class UsageError(Exception):
+    """A problem with the user's arguments or problem: one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
+    """Options of both the main job and ``analyze``; only one parser may hold the defaults, or
+    ``curvop --k 3 analyze ...`` would lose the 3 to the subcommand's default."""
+
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--k", type=_positive_int, default=default(5), help="number of top eigenvalues (5)"
+    )
+    parser.add_argument(
+        "--density",
+        metavar="PATH",
+        default=default(DEFAULT_DENSITY),
+        help=f"where to write the spectral density plot ({DEFAULT_DENSITY})",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=default(DEFAULT_JSON),
+        help=f"where to write the JSON summary ({DEFAULT_JSON})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=default(0), help="seed of every random start and probe (0)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="curvop",
+        description=(
+            "Top eigenvalues, trace and spectral density of a PyTorch model's curvature. Without "
+            "a command: the Hessian and the Gauss-Newton matrix of a small MLP trained on digits."
+        ),
+    )
+    _add_common_options(parser, with_defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    analyze = commands.add_parser(
+        "analyze",
+        help="analyze your own problem",
+        description=(
+            "Analyze the problem returned by FUNCTION() in FILE.py: a tuple (model, loss_fn, "
+            "data) as for curvop.HessianOperator(model, loss_fn, data)."
+        ),
+    )
+    analyze.add_argument("problem", metavar="FILE.py:FUNCTION")
+    analyze.add_argument(
+        "--operator",
+        choices=tuple(OPERATORS),
+        default="hessian",
+        help="hessian (exact, default), ggn (Gauss-Newton) or fd (finite-difference Hessian)",
+    )
+    _add_common_options(analyze, with_defaults=False)
+    return parser
+
+
+def _check_output_path(option: str, path: str) -> Path:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{option}: directory {str(parent)!r} does not exist; create it first")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------- the problem
+def _one_line(error: BaseException, source: Path | None = None) -> str:
+    """``Type: message`` on one line, with the line of ``source`` where it was raised, if any."""
+    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    frames = (
+        []
+        if source is None
+        else [
+            frame for frame in _traceback_frames(error) if Path(frame.f_code.co_filename) == source
+        ]
+    )
+    return f"{text} ({source.name}, line {frames[-1].f_lineno})" if frames else text
+
+
+def _traceback_frames(error: BaseException) -> Iterator[Any]:
+    tb = error.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def load_user_problem(spec: str) -> tuple[nn.Module, Callable, Any]:
+    """Import ``FILE.py`` and call ``FUNCTION()``; check that it returns ``(model, loss_fn, data)``."""
+    filename, colon, function_name = spec.rpartition(":")
+    if not colon or not filename or not function_name:
+        raise UsageError(f"expected FILE.py:FUNCTION, got {spec!r}")
+    path = Path(filename).resolve()
+    if not path.is_file():
+        raise UsageError(f"no such file: {filename!r}")
+    with _importable_from(path.parent):
+        try:
+            namespace = runpy.run_path(str(path), run_name="curvop_user_problem")
+        except Exception as error:
+            raise UsageError(f"importing {filename} failed: {_one_line(error, path)}") from None
+        function = namespace.get(function_name)
+        if function is not None and not callable(function):
+            kind = type(function).__name__
+            raise UsageError(f"{function_name!r} in {filename} is a {kind}, not a function")
+        if function is None:
+            found = sorted(
+                name
+                for name, value in namespace.items()
+                if callable(value) and getattr(value, "__module__", None) == "curvop_user_problem"
+            )
+            raise UsageError(
+                f"{filename} has no function {function_name!r}"
+                + (f" (functions: {', '.join(found)})" if found else "")
+            )
+        try:
+            returned = function()
+        except Exception as error:
+            raise UsageError(f"{function_name}() raised {_one_line(error, path)}") from None
+    return _check_returned(returned, function_name)
+
+
+@contextmanager
+def _importable_from(directory: Path) -> Iterator[None]:
+    """Let the user's file import its neighbours, as ``python FILE.py`` would."""
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+
+
+def _check_returned(returned: Any, function_name: str) -> tuple[nn.Module, Callable, Any]:
+    expected = f"{function_name}() must return (model, loss_fn, data)"
+    if not isinstance(returned, tuple | list) or len(returned) != 3:
+        got = (
+            f"{len(returned)} values"
+            if isinstance(returned, tuple | list)
+            else type(returned).__name__
+        )
+        raise UsageError(f"{expected}, got {got}")
+    model, loss_fn, data = returned
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{expected}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise UsageError(f"{expected}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    return model, loss_fn, data
+
+
+def build_operator(kind: str, model: nn.Module, loss_fn: Callable, data: Any) -> LinearOperator:
+    """The operator, checked by two products with the same vector (``check_deterministic``), so
+    that errors in the problem and data that change between passes surface here, in one line."""
+    label, cls = OPERATORS[kind]
+    try:
+        operator = cls(model, loss_fn, data)
+        operator.check_deterministic()
+    except Exception as error:
+        raise UsageError(
+            f"the {label} of the problem cannot be computed: {_one_line(error)}"
+        ) from None
+    return operator
+
+
+# ---------------------------------------------------------------------------------- the analysis
+class _CountedProducts:
+    """Count the products of ``operator`` in a block, with a tqdm bar when installed (on a TTY).
+
+    Every product of a curvop operator, numpy or torch, goes through ``operator.apply``; it is
+    wrapped on the instance for the duration of the block.
+    """
+
+    def __init__(self, operator: curvop.CurvatureOperator, description: str, total: int | None):
+        self.operator, self.count = operator, 0
+        self._bar = (
+            None
+            if tqdm is None
+            else tqdm(total=total, desc=description, unit="product", leave=False, disable=None)
+        )
+
+    def __enter__(self) -> _CountedProducts:
+        apply = self.operator.apply
+
+        def counted(V: torch.Tensor) -> torch.Tensor:
+            result = apply(V)
+            columns = 1 if V.dim() == 1 else V.shape[1]
+            self.count += columns
+            if self._bar is not None:
+                self._bar.update(columns)
+            return result
+
+        self.operator.apply = counted
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self.operator.apply
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass
+class Analysis:
+    """Everything the report says about one operator."""
+
+    name: str
+    eigenvalues: np.ndarray
+    trace: Any  # curvop.Estimate
+    density: Any  # curvop.SpectralDensity
+    products: dict[str, int]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "top_eigenvalues": self.eigenvalues.tolist(),
+            "trace": {
+                "method": "xtrace",
+                "value": float(self.trace.value),
+                "std_error": float(self.trace.std_error),
+                "num_matvecs": int(self.trace.num_matvecs),
+            },
+            "density": {
+                "method": "slq",
+                "num_probes": DENSITY_PROBES,
+                "num_steps": DENSITY_STEPS,
+                "support": [float(self.density.grid[0]), float(self.density.grid[-1])],
+            },
+            "products": self.products,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def analyze(name: str, operator: curvop.CurvatureOperator, *, k: int, seed: int) -> Analysis:
+    """Top-k eigenvalues, XTrace trace estimate and SLQ density of one operator."""
+    start, products = time.perf_counter(), {}
+    with _CountedProducts(operator, f"{name}: top-{k} eigenvalues", None) as counted:
+        eigenvalues = curvop.top_eigenvalues(operator, k, seed=seed)
+    products["eigenvalues"] = counted.count
+    with _CountedProducts(operator, f"{name}: trace", TRACE_MATVECS) as counted:
+        trace = curvop.xtrace(operator, TRACE_MATVECS, seed=seed)
+    products["trace"] = counted.count
+    total = DENSITY_PROBES * DENSITY_STEPS
+    with _CountedProducts(operator, f"{name}: spectral density", total) as counted:
+        density = curvop.spectral_density(
+            operator, method="slq", num_probes=DENSITY_PROBES, num_steps=DENSITY_STEPS, seed=seed
+        )
+    products["density"] = counted.count
+    elapsed = time.perf_counter() - start
+    return Analysis(name, np.asarray(eigenvalues), trace, density, products, elapsed)
+
+
+# ---------------------------------------------------------------------------------- the report
+def format_table(analyses: Sequence[Analysis], k: int) -> str:
+    """The eigenvalues, the trace and the cost, one column per operator."""
+    rows = [(f"top-{k} eigenvalues", [a.name for a in analyses])]
+    rows += [(f"  {i + 1}", [f"{a.eigenvalues[i]:.6g}" for a in analyses]) for i in range(k)]
+    rows.append(
+        ("trace (XTrace)", [f"{a.trace.value:.6g} +/- {a.trace.std_error:.2g}" for a in analyses])
+    )
+    rows.append(("products", [f"{sum(a.products.values()):,}" for a in analyses]))
+    rows.append(("time", [f"{a.seconds:.1f} s" for a in analyses]))
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(len(cells[j]) for _, cells in rows) for j in range(len(analyses))]
+    return "\n".join(
+        label.ljust(label_width)
+        + "".join("   " + cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
+        for label, cells in rows
+    )
+
+
+def plot_densities(analyses: Sequence[Analysis], path: Path) -> str:
+    """Write the SLQ densities on a log scale; return the line of the report that says so."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "skipped the density plot: matplotlib is not installed (pip install 'curvop[demo]')"
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for analysis in analyses:
+        analysis.density.plot(ax=ax, log=True, label=analysis.name)
+    ax.set_title(f"spectral density (SLQ, {DENSITY_PROBES} probes x {DENSITY_STEPS} steps)")
+    ax.legend()
+    figure.savefig(path, dpi=120)
+    return f"wrote {path}"
+
+
+def write_summary(
+    path: Path, problem: dict[str, Any], analyses: Sequence[Analysis], seed: int
+) -> str:
+    summary = {
+        "curvop_version": curvop.__version__,
+        "problem": problem,
+        "seed": seed,
+        "operators": {a.name: a.summary() for a in analyses},
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return f"wrote {path}"
+
+
+# ---------------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``curvop`` command; return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or an argument error already reported in one line
+        return int(done.code or 0)
+    try:
+        return _run(args)
+    except UsageError as error:
+        print(f"curvop: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curvop: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    density_path = _check_output_path("--density", args.density)
+    json_path = _check_output_path("--json", args.json)
+    if args.command == "analyze":
+        model, loss_fn, data = load_user_problem(args.problem)
+        kinds, name, description = [args.operator], args.problem, None
+    else:
+        problem = load_problem()
+        model, loss_fn, data = problem.model, problem.loss_fn, problem.data
+        kinds, name, description = ["hessian", "ggn"], problem.name, problem.describe()
+    operators = {OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data) for kind in kinds}
+    first = next(iter(operators.values()))
+    n, dtype = first.shape[0], first.dtype
+    if args.k >= n:
+        raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n - 1} or less")
+    description = description or f"{name}: {n:,} parameters, {dtype}"
+    print(description + "\n")
+    analyses = [analyze(label, op, k=args.k, seed=args.seed) for label, op in operators.items()]
+    print(format_table(analyses, args.k) + "\n")
+    print(plot_densities(analyses, density_path))
+    problem_summary = {
+        "name": name,
+        "description": description,
+        "num_params": n,
+        "dtype": str(dtype),
+    }
+    print(write_summary(json_path, problem_summary, analyses, args.seed))
+    return 0
