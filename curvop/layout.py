@@ -7,6 +7,7 @@ sees a list of tensors. :class:`ParamLayout` converts between the two, for singl
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -100,13 +101,19 @@ class ParamLayout:
         Numpy input is converted; the result is on the parameters' device and dtype, each tensor
         shaped like its parameter with the trailing ``k`` axis kept.
         """
-        vector = self.check_vector(vector, "vector", allow_numpy=True)
+        return self.split(self.check_vector(vector, "vector", allow_numpy=True))
+
+    def split(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a checked ``(size,)`` / ``(size, k)`` tensor shaped like the parameters.
+
+        No validation and no copy (any dtype): writing into a view writes into ``vector``.
+        """
         columns = tuple(vector.shape[1:])
-        pieces = torch.split(vector, self.numels)
+        offsets = itertools.accumulate(self.numels, initial=0)
         return [
-            piece.reshape((*shape, *columns))
-            for piece, shape in zip(pieces, self.shapes, strict=True)
-        ]
+            vector.narrow(0, offset, numel).view((*shape, *columns))  # one view each: autograd
+            for offset, numel, shape in zip(offsets, self.numels, self.shapes, strict=False)
+        ]  # allows in-place writes into them, unlike the multiple views of torch.split
 
     def check_vector(
         self, vector: torch.Tensor | np.ndarray, name: str, *, allow_numpy: bool = False

@@ -151,27 +151,30 @@ class CurvatureOperator(LinearOperator):
         block = V if V.dim() == 2 else V.unsqueeze(1)
         if block.shape[1] == 0:
             return torch.zeros_like(V)
-        columns = [t.movedim(-1, 0) for t in self.layout.unflatten(block)]
+        columns = [t.movedim(-1, 0) for t in self.layout.split(block)]
         accumulated = torch.zeros(block.shape, dtype=torch.float64, device=block.device)
-        finite_flags, total_samples = [], 0
+        totals = self.layout.split(accumulated)  # views: adding into them fills `accumulated`
+        batch_sums, total_samples = [], 0
         for batch in self._objective.batches():
             with torch.inference_mode(False), torch.enable_grad():
                 products = self._kernel(self._objective, batch, columns)
-            flat = self.layout.flatten([p.movedim(0, -1) for p in products])
-            finite_flags.append(torch.isfinite(flat).all())
             weight = batch.num_samples if self.reduction == "mean" else 1
-            accumulated = accumulated + weight * flat.to(torch.float64)
+            for total, product in zip(totals, products, strict=True):
+                total.add_(product.movedim(0, -1), alpha=weight)
+            batch_sums.append(sum(p.sum(dtype=torch.float64) for p in products))
             total_samples += batch.num_samples
-        self._check_finite(finite_flags, V)
+        self._check_finite(batch_sums, V)
         if self.reduction == "mean":
             accumulated = accumulated / total_samples
         result = accumulated.to(self.layout.dtype)
         return result if V.dim() == 2 else result.squeeze(1)
 
     @staticmethod
-    def _check_finite(flags: list[torch.Tensor], V: torch.Tensor) -> None:
-        """One host sync per product; on failure, blame ``V`` itself or the first bad batch."""
-        finite = torch.stack(flags)
+    def _check_finite(batch_sums: list[torch.Tensor], V: torch.Tensor) -> None:
+        """One host sync per product: the sum of a batch's product is not finite exactly when
+        the product holds a NaN or Inf (float64 sums of finite entries cannot overflow).
+        On failure, blame ``V`` itself or the first bad batch."""
+        finite = torch.isfinite(torch.stack(batch_sums))
         if not bool(finite.all()):
             if not bool(torch.isfinite(V).all()):
                 raise ValueError("V must be finite, got a vector that contains NaN or Inf")
