@@ -110,10 +110,11 @@ class ParamLayout:
         """
         columns = tuple(vector.shape[1:])
         offsets = itertools.accumulate(self.numels, initial=0)
+        # narrow, not torch.split: autograd allows in-place writes into single views only
         return [
-            vector.narrow(0, offset, numel).view((*shape, *columns))  # one view each: autograd
+            vector.narrow(0, offset, numel).view((*shape, *columns))
             for offset, numel, shape in zip(offsets, self.numels, self.shapes, strict=False)
-        ]  # allows in-place writes into them, unlike the multiple views of torch.split
+        ]
 
     def check_vector(
         self, vector: torch.Tensor | np.ndarray, name: str, *, allow_numpy: bool = False
