@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 import curvop
@@ -41,7 +40,7 @@ OPERATORS: dict[str, tuple[str, type[curvop.CurvatureOperator]]] = {
     "fd": ("FD Hessian", curvop.FiniteDifferenceHessianOperator),
 }
 DEFAULT_DENSITY, DEFAULT_JSON = "spectral_density.png", "curvop_summary.json"
-TRACE_MATVECS = 60
+TRACE_NAME, TRACE_MATVECS = "XTrace", 60
 DENSITY_PROBES, DENSITY_STEPS = 10, 80
 
 
@@ -122,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_path(option: str, path: str) -> Path:
+    if Path(path).is_dir():
+        raise UsageError(f"{option}: {path!r} is a directory; give a file name")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{option}: directory {str(parent)!r} does not exist; create it first")
@@ -210,17 +211,19 @@ def _check_returned(returned: Any, function_name: str) -> tuple[nn.Module, Calla
     return model, loss_fn, data
 
 
-def build_operator(kind: str, model: nn.Module, loss_fn: Callable, data: Any) -> LinearOperator:
+def build_operator(
+    kind: str, model: nn.Module, loss_fn: Callable, data: Any, source: Path | None = None
+) -> curvop.CurvatureOperator:
     """The operator, checked by two products with the same vector (``check_deterministic``), so
-    that errors in the problem and data that change between passes surface here, in one line."""
+    that errors in the problem, and data that change between passes, surface here in one line
+    (pointing into ``source``, the user's file, when they were raised there)."""
     label, cls = OPERATORS[kind]
     try:
         operator = cls(model, loss_fn, data)
         operator.check_deterministic()
     except Exception as error:
-        raise UsageError(
-            f"the {label} of the problem cannot be computed: {_one_line(error)}"
-        ) from None
+        reason = _one_line(error, source)
+        raise UsageError(f"the {label} of the problem cannot be computed: {reason}") from None
     return operator
 
 
@@ -237,7 +240,7 @@ class _CountedProducts:
         self._bar = (
             None
             if tqdm is None
-            else tqdm(total=total, desc=description, unit="product", leave=False, disable=None)
+            else tqdm(total=total, desc=description, unit=" products", leave=False, disable=None)
         )
 
     def __enter__(self) -> _CountedProducts:
@@ -266,8 +269,8 @@ class Analysis:
 
     name: str
     eigenvalues: np.ndarray
-    trace: Any  # curvop.Estimate
-    density: Any  # curvop.SpectralDensity
+    trace: curvop.Estimate
+    density: curvop.SpectralDensity
     products: dict[str, int]
     seconds: float
 
@@ -275,7 +278,7 @@ class Analysis:
         return {
             "top_eigenvalues": self.eigenvalues.tolist(),
             "trace": {
-                "method": "xtrace",
+                "method": TRACE_NAME.lower(),
                 "value": float(self.trace.value),
                 "std_error": float(self.trace.std_error),
                 "num_matvecs": int(self.trace.num_matvecs),
@@ -292,7 +295,7 @@ class Analysis:
 
 
 def analyze(name: str, operator: curvop.CurvatureOperator, *, k: int, seed: int) -> Analysis:
-    """Top-k eigenvalues, XTrace trace estimate and SLQ density of one operator."""
+    """Top-k eigenvalues, trace estimate and SLQ density of one operator."""
     start, products = time.perf_counter(), {}
     with _CountedProducts(operator, f"{name}: top-{k} eigenvalues", None) as counted:
         eigenvalues = curvop.top_eigenvalues(operator, k, seed=seed)
@@ -316,7 +319,10 @@ def format_table(analyses: Sequence[Analysis], k: int) -> str:
     rows = [(f"top-{k} eigenvalues", [a.name for a in analyses])]
     rows += [(f"  {i + 1}", [f"{a.eigenvalues[i]:.6g}" for a in analyses]) for i in range(k)]
     rows.append(
-        ("trace (XTrace)", [f"{a.trace.value:.6g} +/- {a.trace.std_error:.2g}" for a in analyses])
+        (
+            f"trace ({TRACE_NAME})",
+            [f"{a.trace.value:.6g} +/- {a.trace.std_error:.2g}" for a in analyses],
+        )
     )
     rows.append(("products", [f"{sum(a.products.values()):,}" for a in analyses]))
     rows.append(("time", [f"{a.seconds:.1f} s" for a in analyses]))
@@ -379,28 +385,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     density_path = _check_output_path("--density", args.density)
     json_path = _check_output_path("--json", args.json)
-    if args.command == "analyze":
-        model, loss_fn, data = load_user_problem(args.problem)
-        kinds, name, description = [args.operator], args.problem, None
-    else:
-        problem = load_problem()
-        model, loss_fn, data = problem.model, problem.loss_fn, problem.data
-        kinds, name, description = ["hessian", "ggn"], problem.name, problem.describe()
-    operators = {OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data) for kind in kinds}
-    first = next(iter(operators.values()))
-    n, dtype = first.shape[0], first.dtype
+    operators, problem = _operators_and_problem(args)
+    n = problem["num_params"]
     if args.k >= n:
         raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n - 1} or less")
-    description = description or f"{name}: {n:,} parameters, {dtype}"
-    print(description + "\n")
+    print(problem["description"] + "\n")
     analyses = [analyze(label, op, k=args.k, seed=args.seed) for label, op in operators.items()]
     print(format_table(analyses, args.k) + "\n")
     print(plot_densities(analyses, density_path))
-    problem_summary = {
-        "name": name,
-        "description": description,
-        "num_params": n,
-        "dtype": str(dtype),
-    }
-    print(write_summary(json_path, problem_summary, analyses, args.seed))
+    print(write_summary(json_path, problem, analyses, args.seed))
     return 0
+
+
+def _operators_and_problem(
+    args: argparse.Namespace,
+) -> tuple[dict[str, curvop.CurvatureOperator], dict[str, Any]]:
+    """The operators to analyze, by label, and the description of the problem for the report."""
+    if args.command == "analyze":
+        model, loss_fn, data = load_user_problem(args.problem)
+        kinds, name, description = [args.operator], args.problem, None
+        source = Path(args.problem.rpartition(":")[0]).resolve()
+    else:
+        builtin = load_problem()
+        model, loss_fn, data = builtin.model, builtin.loss_fn, builtin.data
+        kinds, name, description = ["hessian", "ggn"], builtin.name, builtin.describe()
+        source = None
+    operators = {
+        OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data, source) for kind in kinds
+    }
+    first = next(iter(operators.values()))
+    n, dtype = first.shape[0], str(first.dtype)
+    description = description or f"{name}: {n:,} parameters, {dtype}"
+    problem = {"name": name, "description": description, "num_params": n, "dtype": dtype}
+    return operators, problem

@@ -54,7 +54,7 @@ class Problem:
         A list of ``(inputs, targets)`` batches; the last one is shorter, so operators must weight
         batches by their sample counts.
     name
-        ``"digits"`` or ``"synthetic"``, followed by the variant: ``"digits"``, ``"digits-tiny"``.
+        The data set, ``"digits"`` or ``"synthetic"``, with ``"-tiny"`` for the tiny variant.
     trained
         Whether the model was trained (full-batch Adam); otherwise it is at its initialization.
     """

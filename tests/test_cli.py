@@ -1,0 +1,262 @@
+"""The ``curvop`` command: the main job, ``analyze`` on a user's file, and every error path."""
+
+from __future__ import annotations
+
+import io
+import json
+import runpy
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from curvop import cli
+
+USER_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def problem():
+        generator = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        x = torch.randn(22, 4, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (22,), generator=generator)
+        return model, nn.CrossEntropyLoss(), [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+
+
+    def two_values():
+        return nn.Linear(2, 2), nn.MSELoss()
+
+
+    def not_a_model():
+        return "model", nn.MSELoss(), (torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+    def loss_not_callable():
+        return nn.Linear(2, 2), 3, (torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+    def fails():
+        raise ValueError("no data here")
+
+
+    def shapes_mismatch():
+        return nn.Linear(5, 3), nn.MSELoss(), (torch.zeros(4, 4), torch.zeros(4, 3))
+
+
+    class Reshuffled:
+        def __iter__(self):
+            order = torch.randperm(6)
+            yield torch.randn(6, 2)[order], torch.randn(6, 1)
+
+
+    def changing_data():
+        return nn.Linear(2, 1), nn.MSELoss(), Reshuffled()
+
+
+    class Broken(nn.Linear):
+        def forward(self, x):
+            raise RuntimeError("broken forward")
+
+
+    def broken_model():
+        return Broken(2, 1), nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1))
+
+
+    NOT_A_FUNCTION = 3
+    """
+)
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_problem.py"
+    path.write_text(USER_FILE)
+    return path
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    """``--density`` and ``--json`` arguments into ``tmp_path``, and the two paths."""
+    density, summary = tmp_path / "density.png", tmp_path / "summary.json"
+    return ["--density", str(density), "--json", str(summary)], density, summary
+
+
+def _user_problem(user_file):
+    return runpy.run_path(str(user_file))["problem"]()
+
+
+def _dense(user_file, kind: str) -> np.ndarray:
+    return cli.build_operator(kind, *_user_problem(user_file)).to_dense()
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_main_job_on_the_builtin_problem(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "2,410 parameters" in out
+    assert "Hessian" in out and "GGN" in out and "trace (XTrace)" in out
+    assert _is_png(tmp_path / "spectral_density.png")
+    summary = json.loads((tmp_path / "curvop_summary.json").read_text())
+    assert summary["problem"]["num_params"] == 2410
+    for name in ("Hessian", "GGN"):
+        report = summary["operators"][name]
+        top = np.array(report["top_eigenvalues"])
+        assert len(top) == 5 and np.all(np.diff(top) <= 0) and top[-1] > 0
+        trace = report["trace"]
+        assert 0 < trace["std_error"] < 0.1 * trace["value"]
+        assert trace["value"] > top.sum()  # the trace also holds the rest of the spectrum
+        assert report["products"]["density"] == 800
+    hessian, ggn = summary["operators"]["Hessian"], summary["operators"]["GGN"]
+    # near a minimum the Gauss-Newton matrix is close to the Hessian
+    np.testing.assert_allclose(ggn["top_eigenvalues"], hessian["top_eigenvalues"], rtol=0.2)
+
+
+@pytest.mark.parametrize(
+    ("operator", "label", "exact", "rtol"),
+    [
+        ("hessian", "Hessian", "hessian", 1e-8),
+        ("ggn", "GGN", "ggn", 1e-8),
+        ("fd", "FD Hessian", "hessian", 1e-5),
+    ],
+)
+def test_analyze_each_operator(user_file, outputs, capsys, operator, label, exact, rtol):
+    options, density, summary_path = outputs
+    spec = f"{user_file}:problem"
+    code = cli.main(["analyze", spec, "--operator", operator, "--k", "3", "--seed", "1", *options])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"{spec}: 43 parameters, float64" in out
+    assert label in out and ("GGN" in out) == (operator == "ggn")
+    assert _is_png(density)
+    summary = json.loads(summary_path.read_text())
+    assert summary["seed"] == 1 and list(summary["operators"]) == [label]
+    report = summary["operators"][label]
+    matrix = _dense(user_file, exact)
+    eigenvalues = np.linalg.eigvalsh(matrix)[::-1]
+    np.testing.assert_allclose(report["top_eigenvalues"], eigenvalues[:3], rtol=rtol)
+    trace = report["trace"]
+    assert abs(trace["value"] - np.trace(matrix)) <= 5 * trace["std_error"] + 1e-6
+
+
+def test_options_before_and_after_the_command(user_file, outputs):
+    options, _, summary_path = outputs
+    spec = f"{user_file}:problem"
+    assert cli.main(["--k", "2", "--seed", "7", "analyze", spec, *options]) == 0
+    before = json.loads(summary_path.read_text())
+    assert cli.main(["analyze", spec, "--k", "2", "--seed", "7", *options]) == 0
+    after = json.loads(summary_path.read_text())
+    assert len(before["operators"]["Hessian"]["top_eigenvalues"]) == 2 and before["seed"] == 7
+    for result in (before, after):  # the time differs from run to run; the numbers do not
+        for report in result["operators"].values():
+            report.pop("seconds")
+    assert before == after
+
+
+def test_without_matplotlib_the_plot_is_skipped(user_file, outputs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    options, density, summary_path = outputs
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    out = capsys.readouterr().out
+    assert "skipped the density plot: matplotlib is not installed" in out
+    assert not density.exists() and summary_path.exists()
+
+
+def test_without_tqdm_no_progress_bar(user_file, outputs, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "tqdm", None)
+    options, _, summary_path = outputs
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    products = json.loads(summary_path.read_text())["operators"]["Hessian"]["products"]
+    assert products["eigenvalues"] > 0 and products["trace"] > 0 and products["density"] > 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bars_on_a_terminal(user_file, outputs, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    options, _, _ = outputs
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    shown = terminal.getvalue()
+    for phase in ("top-1 eigenvalues", "trace", "spectral density"):
+        assert f"Hessian: {phase}:" in shown
+    assert "products" in shown
+
+
+def test_products_are_counted_and_the_operator_restored(user_file):
+    operator = cli.build_operator("hessian", *_user_problem(user_file))
+    with cli._CountedProducts(operator, "test", total=None) as counted:
+        operator.apply(torch.ones(43, 3, dtype=torch.float64))  # three products
+        operator @ np.ones(43)  # and one through SciPy
+    assert counted.count == 4
+    assert "apply" not in vars(operator)
+
+
+BAD_ARGUMENTS = {
+    "k zero": (["--k", "0"], "--k: must be a positive integer"),
+    "k not a number": (["--k", "three"], "--k: must be a positive integer"),
+    "unknown command": (["frobnicate"], "invalid choice"),
+    "no problem": (["analyze"], "required: FILE.py:FUNCTION"),
+    "no colon": (["analyze", "{file}"], "expected FILE.py:FUNCTION"),
+    "missing file": (["analyze", "{dir}/missing.py:problem"], "no such file"),
+    "no such function": (["analyze", "{file}:nope"], "has no function 'nope' (functions:"),
+    "not a function": (["analyze", "{file}:NOT_A_FUNCTION"], "is a int, not a function"),
+    "wrong count": (["analyze", "{file}:two_values"], "must return (model, loss_fn, data), got 2"),
+    "not a model": (["analyze", "{file}:not_a_model"], "model must be a torch.nn.Module"),
+    "loss": (["analyze", "{file}:loss_not_callable"], "loss_fn must be callable"),
+    "function raises": (["analyze", "{file}:fails"], "ValueError: no data here (my_problem.py"),
+    "shape mismatch": (["analyze", "{file}:shapes_mismatch"], "cannot be computed: RuntimeError"),
+    "changing data": (["analyze", "{file}:changing_data"], "the data changed between products"),
+    "model raises": (["analyze", "{file}:broken_model"], "broken forward (my_problem.py, line"),
+    "k too large": (["analyze", "{file}:problem", "--k", "43"], "use --k 42 or less"),
+    "bad operator": (["analyze", "{file}:problem", "--operator", "kfac"], "invalid choice"),
+    "no directory": (["--json", "{dir}/nowhere/s.json"], "--json: directory"),
+    "a directory": (["--json", "{dir}"], "is a directory; give a file name"),
+    "no directory for the plot": (
+        ["analyze", "{file}:problem", "--density", "{dir}/x/d.png"],
+        "--density: directory",
+    ),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_give_one_line_and_exit_code_2(user_file, capsys, argv, message):
+    argv = [a.format(file=user_file, dir=user_file.parent) for a in argv]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curvop"), captured.err
+    assert message in lines[0] and "Traceback" not in captured.err
+
+
+def test_python_dash_m(tmp_path):
+    def run(*argv):
+        command = [sys.executable, "-m", "curvop", *argv]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    done = run("analyze", "missing.py:problem")
+    assert done.returncode == 2
+    assert done.stderr == "curvop: error: no such file: 'missing.py'\n"
+    shown = run("--help")
+    assert shown.returncode == 0 and "analyze" in shown.stdout and "--k" in shown.stdout
+
+
+def test_help_exits_zero(capsys):
+    assert cli.main(["analyze", "--help"]) == 0
+    assert "--operator {hessian,ggn,fd}" in capsys.readouterr().out
