@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layout import as_tensor_list
-from .linalg.probes import draw_probes, make_generator
+from .linalg.trace import hutchinson_trace
 from .objective import ClosureObjective, ModelObjective, resolve_params
 from .operators.base import CurvatureOperator
 from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernel
@@ -41,13 +41,18 @@ def exact_hvp(
     params: Sequence[torch.Tensor],
     v: torch.Tensor | Sequence[torch.Tensor],
     create_graph: bool = False,
+    *,
+    seed: int | None = None,
 ) -> Tensors:
     """The exact Hessian-vector product ``Hv`` of ``func() -> scalar`` by double backpropagation.
 
-    ``create_graph=True`` keeps the graph of the result, for higher-order derivatives.
+    ``create_graph=True`` keeps the graph of the result, for higher-order derivatives. ``func``
+    runs under the random seed ``seed`` (fresh when ``None``) with the global random state saved
+    and restored.
     """
     kernel = functools.partial(hessian_columns, create_graph=create_graph)
-    return _multiply(CurvatureOperator._from_parts(ClosureObjective(func, params), kernel), v)
+    objective = ClosureObjective(func, params, seed=seed)
+    return _multiply(CurvatureOperator._from_parts(objective, kernel), v)
 
 
 def approximate_hvp(
@@ -56,16 +61,20 @@ def approximate_hvp(
     v: torch.Tensor | Sequence[torch.Tensor],
     num_samples: int = 1,
     damping: float = 0.0,
+    *,
+    seed: int | None = None,
 ) -> Tensors:
     r"""``(H + \text{damping}\, I) v`` by central differences of gradients.
 
-    The step is :math:`\sqrt{\varepsilon}(1 + \|\theta\|)/\|v\|`, scaled to the dtype. The
+    The step is :math:`\tfrac{1}{16}\sqrt{\varepsilon}(1 + \|\theta\|)/\|v\|`, scaled to the
+    dtype (see :func:`~curvop.operators.finite_difference.finite_difference_columns`). The
     parameters are displaced in place and restored bitwise, also when ``func`` raises.
-    ``num_samples`` averages that many evaluations of a stochastic ``func`` (each draws its own
-    random numbers; both sides of a difference share them).
+    ``num_samples`` averages that many evaluations of a stochastic ``func``: evaluation ``s`` runs
+    under the random seed ``seed + s`` (``seed`` fresh when ``None``), and both sides of a
+    difference share it. The global random state is saved and restored.
     """
     damping = check_real(damping, "damping")
-    objective = ClosureObjective(func, params, num_samples=num_samples)
+    objective = ClosureObjective(func, params, num_samples=num_samples, seed=seed)
     operator = FiniteDifferenceHessianOperator._from_parts(objective, _kernel(None, "central"))
     product = _multiply(operator, v)
     if damping:
@@ -80,7 +89,13 @@ def _model_product(kernel, model: nn.Module, loss_fn, x, y, v, create_graph: boo
     """``kernel`` of ``loss_fn(model(x), y)`` over all of ``model.parameters()`` times ``v``."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a tensor of targets, got {type(y).__name__}")
-    params = resolve_params(model, list(model.parameters()))
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"model: every parameter must require grad (this function differentiates all of "
+            f"model.parameters()), but {frozen} do not"
+        )
+    params = resolve_params(model, None)
     objective = ModelObjective(model, loss_fn, (x, y), params)
     kernel = functools.partial(kernel, create_graph=create_graph)
     return _multiply(CurvatureOperator._from_parts(objective, kernel, reduction="sum"), v)
@@ -127,21 +142,13 @@ def hessian_trace(
 ) -> float:
     r"""Hutchinson's estimate :math:`\frac{1}{m}\sum_i z_i^\top H z_i` of the Hessian's trace.
 
-    Probes are Rademacher vectors in the parameters' dtype, drawn from a private generator
-    (``seed``); with ``sparse=True`` each entry is nonzero with probability 0.1 and scaled by
+    :func:`curvop.hutchinson_trace` on the Hessian of ``func``. Probes are Rademacher vectors
+    (exact in the parameters' dtype), drawn from a private generator (``seed``); with ``sparse=True`` each entry is nonzero with probability 0.1 and scaled by
     :math:`1/\sqrt{0.1}`, which keeps the estimate unbiased. All probes are multiplied in one
     block product.
     """
     check_positive_int(num_samples, "num_samples")
     kernel = functools.partial(hessian_columns, create_graph=create_graph)
-    operator = CurvatureOperator._from_parts(ClosureObjective(func, params), kernel)
-    layout = operator.layout
-    probes = draw_probes(
-        layout.size,
-        num_samples,
-        distribution="sparse_rademacher" if sparse else "rademacher",
-        generator=make_generator(seed, layout.device),
-        dtype=layout.dtype,
-        device=layout.device,
-    )
-    return float((probes * operator.apply(probes)).sum() / num_samples)
+    operator = CurvatureOperator._from_parts(ClosureObjective(func, params, seed=seed), kernel)
+    distribution = "sparse_rademacher" if sparse else "rademacher"
+    return hutchinson_trace(operator, num_samples, distribution=distribution, seed=seed).value

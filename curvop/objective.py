@@ -16,6 +16,7 @@ matrix) and the user's random state is never consumed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from torch.func import functional_call
 
 from .data import Batch, DataSource
 from .layout import as_tensor_list
-from .validation import check_positive_int
+from .validation import check_positive_int, check_seed
 
 __all__ = ["ClosureObjective", "ModelObjective", "check_scalar_loss", "resolve_params"]
 
@@ -111,15 +112,13 @@ class ModelObjective:
     def batches(self) -> Iterator[Batch]:
         return iter(self.source)
 
-    def output(self, batch: Batch, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    def output(self, batch: Batch, values: Sequence[torch.Tensor]) -> Any:
         """``model(inputs)`` with ``params`` replaced by ``values``; buffers cloned, never written."""
         state = {n: q.detach() if i is None else values[i] for n, i, q in self._slots}
         state.update({n: b.clone() for n, b in self.model.named_buffers(remove_duplicate=False)})
         args, kwargs = batch.model_args()
         with isolated_rng(self.params[0].device, batch.index):
             output = functional_call(self.model, state, args, kwargs, tie_weights=False)
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
         return output
 
     def loss_of_output(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
@@ -140,7 +139,9 @@ class ClosureObjective:
 
     Each evaluation ``s`` runs under random seed ``seed + s``, so a stochastic ``func`` gives
     ``num_samples`` different draws, while all evaluations within one product (finite
-    differences) share the same draw.
+    differences) share the same draw. ``seed=None`` draws a fresh seed from the operating
+    system once, at construction: each new objective sees new random numbers, each product of
+    one objective the same ones.
     """
 
     def __init__(
@@ -149,13 +150,13 @@ class ClosureObjective:
         params: torch.Tensor | Sequence[torch.Tensor],
         *,
         num_samples: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
         self.func, self.params = func, check_differentiable(as_tensor_list(params, "params"))
         self.num_samples = check_positive_int(num_samples, "num_samples")
-        self.seed = seed
+        self.seed = secrets.randbelow(2**62) if seed is None else check_seed(seed)
 
     def batches(self) -> Iterator[Batch]:
         scalar = torch.zeros(())

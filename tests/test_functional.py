@@ -143,3 +143,56 @@ def test_model_hvp_uses_all_parameters_of_float32_model():
     v = [torch.randn_like(p) for p in model.parameters()]
     result = model_hvp(model, nn.MSELoss(), x, y, v)
     assert len(result) == 4 and all(r.dtype == torch.float32 for r in result)
+
+
+def test_create_graph_with_several_parameters_gives_third_derivatives():
+    """The graph of Hv must survive the accumulation over batches and parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def loss():
+        return nn.functional.mse_loss(model(x), y)
+
+    gradient = torch.autograd.grad(loss(), params, create_graph=True)
+    reference = torch.autograd.grad(
+        sum((g * t).sum() for g, t in zip(gradient, v, strict=True)), params, create_graph=True
+    )
+    expected = torch.autograd.grad(sum(r.sum() for r in reference), params)
+    for result in (
+        exact_hvp(loss, params, v, create_graph=True),
+        model_hvp(model, nn.MSELoss(), x, y, v, create_graph=True),
+    ):
+        for got, want in zip(result, reference, strict=True):
+            torch.testing.assert_close(got, want)
+        third = torch.autograd.grad(sum(r.sum() for r in result), params)
+        for got, want in zip(third, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    ggn = gauss_newton_product(model, nn.MSELoss(), x, y, v, create_graph=True)
+    assert all(t.requires_grad for t in ggn)
+
+
+def test_stochastic_closure_draws_fresh_numbers_unless_seeded():
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+
+    def noisy():
+        return (torch.rand(3, dtype=torch.float64) * w**2).sum()
+
+    v = torch.ones(3, dtype=torch.float64)
+    assert not torch.equal(approximate_hvp(noisy, [w], v), approximate_hvp(noisy, [w], v))
+    torch.testing.assert_close(
+        approximate_hvp(noisy, [w], v, seed=3), approximate_hvp(noisy, [w], v, seed=3)
+    )
+    torch.testing.assert_close(
+        exact_hvp(noisy, [w], v, seed=3), approximate_hvp(noisy, [w], v, seed=3)
+    )
+
+
+def test_model_with_a_frozen_parameter_is_named():
+    model = nn.Linear(3, 2).double()
+    model.bias.requires_grad_(False)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model.parameters\(\).*\['bias'\]"):
+        model_hvp(model, nn.MSELoss(), x, y, [torch.ones(2, 3, dtype=torch.float64)] * 2)

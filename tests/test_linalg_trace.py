@@ -102,3 +102,12 @@ def test_xtrace_matches_its_leave_one_out_definition():
     assert estimate.value == pytest.approx(np.mean(samples), rel=1e-10)
     expected_error = np.std(samples, ddof=1) / np.sqrt(probes)
     assert estimate.std_error == pytest.approx(expected_error, rel=1e-8)
+
+
+def test_estimate_unpacks_like_a_named_tuple():
+    from scipy.sparse.linalg import aslinearoperator
+
+    import curvop
+
+    value, std_error, num_matvecs = curvop.hutchinson_trace(aslinearoperator(np.eye(5)), 4, seed=0)
+    assert value == 5.0 and num_matvecs == 4 and std_error == 0.0

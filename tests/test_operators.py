@@ -283,3 +283,34 @@ def test_to_dense_size_limit_can_be_raised():
     with pytest.raises(ValueError, match="max_size"):
         op.to_dense(max_size=n - 1)
     assert op.to_dense(max_size=n).shape == (n, n)
+
+
+def test_hessian_of_a_model_returning_a_tuple():
+    """Only the GGN needs a tensor output; the Hessian takes whatever the loss consumes."""
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 2)
+
+        def forward(self, x):
+            out = torch.tanh(self.body(x))
+            return out, out.sum(dim=1)
+
+    model = TwoHeads().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def loss_fn(outputs, targets):
+        return ((outputs[0] - targets) ** 2).mean() + outputs[1].pow(2).mean()
+
+    op = HessianOperator(model, loss_fn, (x, y))
+    closure = HessianOperator.from_function(lambda: loss_fn(model(x), y), list(model.parameters()))
+    np.testing.assert_allclose(op.to_dense(), closure.to_dense(), atol=1e-12)
+
+
+def test_matmul_with_a_three_dimensional_array_names_the_shape():
+    op = build("hessian", make_case())
+    with pytest.raises(ValueError, match=r"must have shape .*got \(\d+, 1, 1\)"):
+        op @ np.ones((op.shape[0], 1, 1))
+    assert (op @ np.ones((op.shape[0], 2))).shape == (op.shape[0], 2)

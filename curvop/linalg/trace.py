@@ -11,8 +11,7 @@ of products :math:`m`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,9 +23,10 @@ from .sketch import exchangeable_sketch
 __all__ = ["Estimate", "hutchinson_trace", "hutchpp_trace", "xtrace"]
 
 
-@dataclass(frozen=True)
-class Estimate:
+class Estimate(NamedTuple):
     """A randomized estimate with its standard error; ``float(estimate)`` is its value.
+
+    A named tuple, so ``value, std_error, num_matvecs = estimate`` works too.
 
     Attributes
     ----------

@@ -23,6 +23,7 @@ Objective = ModelObjective | ClosureObjective
 Kernel = Callable[[Objective, Batch, Sequence[torch.Tensor]], list[torch.Tensor]]
 
 REDUCTIONS = ("mean", "sum")
+DENSE_BLOCK = 256  # columns per product in to_dense
 
 
 def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
@@ -76,6 +77,14 @@ def _first_frame_outside_curvop() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith("curvop."):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _accumulate(total: torch.Tensor, product: torch.Tensor, weight: int) -> torch.Tensor:
+    """``total + weight * product`` in float64: in place, unless autograd must record it
+    (``create_graph`` in the functional API)."""
+    if product.requires_grad:
+        return total + weight * product
+    return total.add_(product, alpha=weight)
 
 
 class CurvatureOperator(LinearOperator):
@@ -152,21 +161,19 @@ class CurvatureOperator(LinearOperator):
         if block.shape[1] == 0:
             return torch.zeros_like(V)
         columns = [t.movedim(-1, 0) for t in self.layout.split(block)]
-        accumulated = torch.zeros(block.shape, dtype=torch.float64, device=block.device)
-        totals = self.layout.split(accumulated)  # views: adding into them fills `accumulated`
+        totals = [torch.zeros_like(c, dtype=torch.float64) for c in columns]
         batch_sums, total_samples = [], 0
         for batch in self._objective.batches():
             with torch.inference_mode(False), torch.enable_grad():
                 products = self._kernel(self._objective, batch, columns)
             weight = batch.num_samples if self.reduction == "mean" else 1
-            for total, product in zip(totals, products, strict=True):
-                total.add_(product.movedim(0, -1), alpha=weight)
+            totals = [_accumulate(t, p, weight) for t, p in zip(totals, products, strict=True)]
             batch_sums.append(sum(p.sum(dtype=torch.float64) for p in products))
             total_samples += batch.num_samples
         self._check_finite(batch_sums, V)
         if self.reduction == "mean":
-            accumulated = accumulated / total_samples
-        result = accumulated.to(self.layout.dtype)
+            totals = [t / total_samples for t in totals]
+        result = self.layout.flatten([t.movedim(0, -1) for t in totals]).to(self.layout.dtype)
         return result if V.dim() == 2 else result.squeeze(1)
 
     @staticmethod
@@ -185,7 +192,10 @@ class CurvatureOperator(LinearOperator):
             )
 
     def to_dense(self, max_size: int = 4096) -> np.ndarray:
-        """The ``(n, n)`` matrix as numpy, from one block product with the identity.
+        """The ``(n, n)`` matrix as numpy, from block products with the identity.
+
+        Columns are multiplied ``DENSE_BLOCK`` (256) at a time, so that the batched backward pass
+        never holds more than that many copies of the activations.
 
         Raises ``ValueError`` when ``n > max_size`` (the matrix takes ``n**2`` entries of memory);
         pass a larger ``max_size`` to allow it.
@@ -197,7 +207,8 @@ class CurvatureOperator(LinearOperator):
                 f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
             )
         eye = torch.eye(n, dtype=self.layout.dtype, device=self.layout.device)
-        return self.apply(eye).cpu().numpy()
+        blocks = torch.split(eye, DENSE_BLOCK, dim=1)  # bounds the memory of batched backward
+        return torch.cat([self.apply(block) for block in blocks], dim=1).cpu().numpy()
 
     def check_deterministic(self, *, rtol: float | None = None, seed: int = 0) -> float:
         """Check that two products with the same random vector agree; return their relative gap.
@@ -245,6 +256,13 @@ class CurvatureOperator(LinearOperator):
     rmatvec = matvec  # curvature matrices are symmetric
     rmatmat = matmat
 
+    def dot(self, x):
+        """``A @ x``: a numpy array goes through :meth:`matvec` / :meth:`matmat` (and their shape
+        checks); anything else (a scalar, another operator) is SciPy's."""
+        if isinstance(x, np.ndarray):
+            return self.matvec(x) if x.ndim == 1 else self.matmat(x)
+        return super().dot(x)
+
     def _check_shape(self, x: np.ndarray, name: str, *, vector: bool) -> np.ndarray:
         """SciPy's own check says only "dimension mismatch": state expected and received."""
         x = np.asanyarray(x)
@@ -256,10 +274,7 @@ class CurvatureOperator(LinearOperator):
         return x
 
     def _to_torch(self, X: np.ndarray) -> torch.Tensor:
-        X = np.asarray(X)
-        if np.iscomplexobj(X):
-            raise TypeError(f"x must be real, got complex dtype {X.dtype}")
-        return torch.as_tensor(X, dtype=self.layout.dtype, device=self.layout.device)
+        return self.layout.check_vector(np.asarray(X), "x", allow_numpy=True)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self.apply(self._to_torch(x)).cpu().numpy()

@@ -34,6 +34,11 @@ def gauss_newton_columns(
     """
     params = objective.params
     output = objective.output(batch, params)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model must return a tensor, got {type(output).__name__} (the Gauss-Newton "
+            "matrix differentiates the model output)"
+        )
     dummy = torch.zeros_like(output, requires_grad=True)
     transposed = vjp(output, params, dummy, create_graph=True)
     jv = vjp_columns(transposed, [dummy], columns, create_graph=create_graph)[0]
