@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["check_positive_int", "check_real", "check_seed"]
+__all__ = ["check_num_matvecs", "check_positive_int", "check_real", "check_seed"]
 
 
 def check_real(value: Any, name: str, *, positive: bool = False) -> float:
@@ -38,3 +38,12 @@ def check_seed(seed: Any) -> int | None:
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
     return int(seed)
+
+
+def check_num_matvecs(num_matvecs: Any, minimum: int, name: str) -> int:
+    """``num_matvecs`` checked to be an integer of at least ``minimum`` (the estimator ``name``'s
+    smallest budget)."""
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs < minimum:
+        raise ValueError(f"num_matvecs must be at least {minimum} for {name}, got {num_matvecs}")
+    return num_matvecs

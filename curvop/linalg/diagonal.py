@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import check_positive_int
+from ..validation import check_num_matvecs, check_positive_int
 from .adapter import as_block_operator
 from .probes import make_generator
 from .sketch import exchangeable_sketch
@@ -49,9 +49,7 @@ def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
     numpy ``(n,)`` float64; needs ``num_matvecs >= 2``.
     """
     block = as_block_operator(op)
-    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
-    if num_matvecs < 2:
-        raise ValueError(f"num_matvecs must be at least 2 for xdiag, got {num_matvecs}")
+    num_matvecs = check_num_matvecs(num_matvecs, 2, "xdiag")
     generator = make_generator(seed, block.device)
     sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher")
     Q, Z, C = sketch.basis, sketch.basis_images, sketch.removed

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..validation import check_positive_int
+from ..validation import check_num_matvecs, check_positive_int
 from .adapter import as_block_operator
 from .probes import make_generator
 from .sketch import exchangeable_sketch
@@ -50,13 +50,6 @@ def _mean_estimate(samples: torch.Tensor, num_matvecs: int, offset: float = 0.0)
     count = samples.numel()
     std_error = float(samples.std() / math.sqrt(count)) if count > 1 else math.nan
     return Estimate(offset + float(samples.mean()), std_error, num_matvecs)
-
-
-def _check_budget(num_matvecs: Any, minimum: int, name: str) -> int:
-    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
-    if num_matvecs < minimum:
-        raise ValueError(f"num_matvecs must be at least {minimum} for {name}, got {num_matvecs}")
-    return num_matvecs
 
 
 def hutchinson_trace(
@@ -102,7 +95,7 @@ def hutchpp_trace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Esti
     :math:`A[Q, (I - QQ^\top)G]`. Needs ``num_matvecs >= 3``.
     """
     block = as_block_operator(op)
-    num_matvecs = _check_budget(num_matvecs, 3, "hutchpp_trace")
+    num_matvecs = check_num_matvecs(num_matvecs, 3, "hutchpp_trace")
     generator = make_generator(seed, block.device)
     rank = num_matvecs // 3
     basis = torch.linalg.qr(block.matmat(block.probes(rank, generator))).Q
@@ -143,7 +136,7 @@ def xtrace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Estimate:
         + 2\gamma_i\, c_i^\top(\tau_i - H w_i) + \gamma_i^2\, c_i^\top H c_i.
     """
     block = as_block_operator(op)
-    num_matvecs = _check_budget(num_matvecs, 2, "xtrace")
+    num_matvecs = check_num_matvecs(num_matvecs, 2, "xtrace")
     generator = make_generator(seed, block.device)
     sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "gaussian")
     Q, C = sketch.basis, sketch.removed
