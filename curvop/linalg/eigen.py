@@ -1,104 +1,131 @@
-r"""Extreme eigenvalues with ARPACK (SciPy's ``eigsh``), robust on singular operators.
+r"""Extreme eigenvalues by a thick-restart block Lanczos method, robust on degenerate clusters.
 
-ARPACK accepts a Ritz value :math:`\theta` once its residual bound is below
-:math:`\mathrm{tol}\cdot\max(\varepsilon^{2/3}, |\theta|)`: near a zero eigenvalue that is an
-absolute :math:`10^{-27}`, which the rounding noise of a product never reaches, so plain
-``eigsh(which="SA")`` on a rank-deficient curvature matrix fails to converge. curvop therefore
-runs ARPACK in float64 on a normalized, shifted operator whose spectrum lies in about
-:math:`[0, 2]`,
+A single-vector Krylov space :math:`\mathcal{K}_m(A, v)` holds one vector per *distinct*
+eigenvalue: a multiple eigenvalue at the wanted end (the large cluster of zeros at the bottom of a
+generalized Gauss-Newton matrix, or the top of its negation) is seen once, and its other copies
+only through rounding noise, so ARPACK (``eigsh``) needs many restarts and deflated searches
+there, and misses copies. curvop runs a block Lanczos process from :math:`p = k + 1` random
+columns :math:`X` instead (the guard column keeps the start block's projection on a ``k``-fold
+eigenspace well conditioned),
 
 .. math::
-    B = I + A/s \quad (\texttt{LA}), \qquad B = I - A/s \quad (\texttt{SA}), \qquad
-    B = A/s \quad (\texttt{LM}),
+    \mathcal{K}_m(A, X) = \operatorname{span}\{X, AX, \dots, A^{m-1}X\},
 
-with :math:`s` twice the largest Ritz value magnitude of a short Lanczos run, and asks for the
-largest eigenvalues of :math:`B` (largest magnitude for ``LM``). A single Krylov space sees only
-one vector per distinct eigenvalue, so the bottom end, typically a large cluster of zeros, is
-searched again on :math:`B` deflated by the eigenvectors found so far, until no smaller
-eigenvalue appears: multiple eigenvalues come back with their multiplicity.
+whose start block alone has :math:`\min(p, \text{multiplicity})` independent components in each
+eigenspace: a ``k``-fold eigenvalue comes back with its multiplicity from one run, and all ``p``
+columns of a step are multiplied in one block product. The orthonormal basis :math:`V` is kept in
+float64 on the operator's device; every new block is orthogonalized against all of it, twice.
+With :math:`A Q_j = V H_j + Q_{j+1} R` for the last block :math:`Q_j`, the Ritz pairs
+:math:`(\theta, Vy)` of :math:`T = V^\top A V` have residuals
+
+.. math::
+    \|A V y - \theta\, V y\| = \|R\, y_{\mathrm{last}}\|
+
+(:math:`y_{\mathrm{last}}`: the rows of :math:`y` on :math:`Q_j`); the run stops once the ``k``
+wanted ones are below :math:`\mathrm{tol}\cdot\|A\|`, each then within that distance of an
+eigenvalue (:math:`\|A\|` is estimated by the largest Ritz value and product column seen). When
+the basis reaches ``ncv`` columns it is thick-restarted: :math:`V \leftarrow V Y` for the Ritz
+vectors of the wanted end that fill half of it. A basis of ``n`` columns spans the whole space,
+which makes the method exact after about ``n`` products when ``ncv = n``; a block without new
+directions (an invariant subspace, e.g. a zero operator) is refilled with random vectors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
-from scipy.sparse import identity
-from scipy.sparse.linalg import ArpackError, LinearOperator, aslinearoperator, eigsh
+from scipy.linalg import eigh
 
 from ..validation import check_positive_int, check_real
-from .adapter import BlockOperator, as_block_operator, as_scipy_float64
+from .adapter import BlockOperator, as_block_operator
 from .checks import check_choice, check_optional_positive_int
-from .lanczos import lanczos_block
 from .probes import make_generator
 
 __all__ = ["top_eigenvalues"]
 
 WHICH = ("LA", "LM", "SA")
-SCALE_STEPS = 10  # Lanczos steps of the spectral scale estimate
-ATTEMPTS = 3  # ARPACK starts (each with a fresh v0 and twice the ncv) before giving up
+GUARD = 1  # block columns beyond k
+BASIS = 120  # default basis size (ncv), raised to four blocks for large k
 
 
-@dataclass(frozen=True)
-class _Arpack:
-    """ARPACK runs with deterministic starts from one private generator, retried on failure."""
-
-    n: int
-    generator: torch.Generator
-    tol: float
-    maxiter: int | None
-    ncv: int | None
-
-    def start(self) -> np.ndarray:
-        return torch.randn(self.n, generator=self.generator, dtype=torch.float64).numpy()
-
-    def run(
-        self, B: LinearOperator, k: int, which: str, found: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``k`` eigenpairs of ``B``; starts are orthogonal to the columns of ``found``."""
-        ncv = self.ncv or min(self.n, max(2 * k + 1, 20))
-        for _ in range(ATTEMPTS):
-            v0 = self.start()
-            if found is not None:
-                v0 -= found @ (found.T @ v0)
-            try:
-                return eigsh(B, k, which=which, v0=v0, tol=self.tol, maxiter=self.maxiter, ncv=ncv)
-            except ArpackError as error:
-                failure, ncv = error, min(self.n, 2 * ncv)
-        raise RuntimeError(
-            f"ARPACK failed from {ATTEMPTS} random starts ({failure}); pass a larger tol, "
-            "maxiter or ncv"
-        ) from failure
+def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of the ascending Ritz values ``theta``, the wanted end first."""
+    if which == "SA":
+        return np.arange(len(theta))
+    if which == "LA":
+        return np.arange(len(theta))[::-1]
+    return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _spectral_scale(block: BlockOperator, generator: torch.Generator) -> float:
-    """Twice the largest Ritz value magnitude of a few Lanczos steps (1 for a zero operator)."""
-    start = torch.randn(block.n, 1, generator=generator, dtype=torch.float64)
-    run = lanczos_block(block, start.to(block.device), SCALE_STEPS)
-    m = int(run.lengths[0])
-    ritz = eigh_tridiagonal(run.alphas[0, :m], run.betas[0, : m - 1], eigvals_only=True)
-    return 2 * float(np.abs(ritz).max()) or 1.0
+def _orthogonalize(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``W`` minus its projection on the orthonormal columns of ``V`` (Gram-Schmidt, once)."""
+    return W - V @ (V.T @ W)
 
 
-def _with_multiplicity(arpack: _Arpack, B: LinearOperator, k: int) -> tuple[np.ndarray, np.ndarray]:
-    r"""The ``k`` largest eigenpairs of ``B``, repeated eigenvalues included.
+def _next_block(
+    W: torch.Tensor, V: torch.Tensor, width: int, floor: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The next orthonormal block ``Q`` (``width`` columns at most) and ``R`` with ``W ~ Q R``.
 
-    Deflate the pairs found, :math:`B - U \operatorname{diag}(\theta) U^\top`, search again and
-    merge, until a search finds nothing larger than the current ``k``-th value (at most ``k``
-    deflated searches: each adds at least one copy of a repeated eigenvalue).
+    ``W`` is orthogonal to ``V``. With its SVD :math:`W = U S Z^\top`, directions with
+    :math:`s_i \le` ``floor`` (none new) become random vectors; all are orthogonalized against
+    ``V`` once more (a normalized direction of rounding size is not orthogonal to ``V``) and
+    factored, :math:`U = Q R_U`, so that :math:`W = Q R_U S Z^\top` up to the dropped
+    :math:`s_i` (below ``floor``, or past ``width``, the dimension left outside ``V``).
     """
-    theta, U = arpack.run(B, k, "LA")
-    for _ in range(k):
-        deflated = B - aslinearoperator(U * theta) @ aslinearoperator(U.T)
-        new_theta, new_U = arpack.run(deflated, k, "LA", found=U)
-        if new_theta.max() <= theta.min() + 10 * arpack.tol:
-            break
-        order = np.argsort(-np.concatenate([theta, new_theta]), kind="stable")[:k]
-        theta, U = np.concatenate([theta, new_theta])[order], np.hstack([U, new_U])[:, order]
-    return theta, U
+    U, S, Zt = torch.linalg.svd(W, full_matrices=False)
+    U, S, Zt = U[:, :width].clone(), S[:width], Zt[:width]
+    empty = floor >= S
+    if empty.any():
+        fresh = torch.randn(len(U), int(empty.sum()), generator=generator, dtype=torch.float64)
+        U[:, empty] = fresh.to(U.device)
+    Q, R_U = torch.linalg.qr(_orthogonalize(V, U))
+    return Q, R_U @ (S[:, None] * Zt)
+
+
+def _block_lanczos(
+    block: BlockOperator,
+    k: int,
+    which: str,
+    tol: float,
+    basis: int,
+    max_products: int,
+    generator: torch.Generator,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The ``k`` wanted Ritz pairs, wanted end first (see the module notes)."""
+    n, device = block.n, block.device
+    width = max(1, min(k + GUARD, basis - k))
+    keep = max(k, (basis - width) // 2)
+    start = torch.randn(n, width, generator=generator, dtype=torch.float64)
+    Q = torch.linalg.qr(start)[0].to(device)
+    V = torch.zeros(n, 0, dtype=torch.float64, device=device)
+    T = np.zeros((0, 0))
+    norm = 0.0
+    for _ in range(max_products):
+        W = block.matmat(Q)
+        norm = max(norm, float(torch.linalg.vector_norm(W, dim=0).max()))
+        V = torch.cat([V, Q], dim=1)
+        H = V.T @ W
+        W = _orthogonalize(V, W - V @ H)
+        m, j = V.shape[1], Q.shape[1]
+        column = H.cpu().numpy()
+        T = np.block([[T, column[: m - j]], [column.T]])
+        theta, Y = eigh((T + T.T) / 2)
+        norm = max(norm, float(np.abs(theta).max()))
+        Q, R = _next_block(W, V, min(width, n - m), np.finfo(np.float64).eps * norm, generator)
+        order = _wanted_first(theta, which)
+        residuals = np.linalg.norm(R.cpu().numpy() @ Y[m - j :, order[:k]], axis=0)
+        if m >= k and residuals.max(initial=0.0) <= tol * norm:
+            return theta[order[:k]], V @ torch.from_numpy(Y[:, order[:k]]).to(device)
+        if m + Q.shape[1] > basis:
+            kept = order[:keep]
+            V, T = V @ torch.from_numpy(Y[:, kept]).to(device), np.diag(theta[kept])
+    raise RuntimeError(
+        f"top_eigenvalues did not converge in {max_products} block products; pass a larger "
+        "tol, maxiter or ncv"
+    )
 
 
 def top_eigenvalues(
@@ -112,30 +139,37 @@ def top_eigenvalues(
     maxiter: int | None = None,
     ncv: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    r"""The ``k`` extreme eigenvalues of a symmetric operator, by ARPACK in float64.
+    r"""The ``k`` extreme eigenvalues of a symmetric operator, by block Lanczos in float64.
 
     Parameters
     ----------
     op
         A symmetric SciPy ``LinearOperator`` (a curvop operator, ``aslinearoperator(matrix)``, a
-        composition). Its products run in its own precision; ARPACK runs in float64.
+        composition). Its products run in its own precision; the Lanczos basis is float64.
     k
         Number of eigenvalues, ``1 <= k < n``.
     which
         ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
     tol
-        ARPACK's tolerance, relative to the spectral scale: eigenvalues come back accurate to
+        Residual tolerance relative to the norm: the run stops when every wanted Ritz pair has
+        :math:`\|Az - \theta z\| \le \mathrm{tol}\cdot\|A\|`, so eigenvalues come back accurate to
         about ``tol`` times :math:`\|A\|` (absolute). ``0`` (default) picks ``100 * eps`` of the
         operator's dtype (``2e-14`` for float64, ``1.2e-5`` for float32, whose products carry
         relative noise near ``1e-7``). Resolving a graded cluster at the wanted end (eigenvalues
-        far closer together than :math:`\|A\|`, e.g. the many tiny eigenvalues at the bottom of a
-        Hessian) costs Krylov methods many products: loosen ``tol`` there.
+        far closer together than :math:`\|A\|`, e.g. the tiny eigenvalues at the bottom of a
+        Hessian or GGN) costs any Krylov method many products once ``n`` exceeds ``ncv``: loosen
+        ``tol`` there.
     return_eigenvectors
         Also return the ``(n, k)`` eigenvectors (float64 numpy, orthonormal columns).
     seed
-        Seed of the start vectors (a private generator; the result is deterministic per seed).
-    maxiter, ncv
-        Passed to ``eigsh`` (``ncv`` doubles on each retry).
+        Seed of the start block (a private generator; the result is deterministic per seed).
+    maxiter
+        Most block products (default ``10 n``).
+    ncv
+        Size of the Lanczos basis, ``k < ncv <= n`` (default ``min(n, max(120, 4 (k + 1)))``):
+        ``ncv`` float64 vectors of length ``n`` are held. A larger basis restarts less often,
+        which pays off on small relative gaps at the wanted end. Blocks have ``min(k + 1,
+        ncv - k)`` columns.
 
     Returns
     -------
@@ -148,12 +182,13 @@ def top_eigenvalues(
     Raises
     ------
     RuntimeError
-        If ARPACK fails from three random starts.
+        If the wanted pairs do not converge in ``maxiter`` block products.
 
     Notes
     -----
-    Costs about 10 products for the spectral scale plus ARPACK's; ``"SA"`` adds at least one
-    deflated search (see the module notes). Every product is one matrix-vector product.
+    Each step multiplies one block of ``k + 1`` columns (one pass over the data for a curvop
+    operator). Well-separated extreme eigenvalues take a few dozen products; a degenerate
+    cluster at the wanted end costs no more than a simple eigenvalue (see the module notes).
 
     Examples
     --------
@@ -165,7 +200,7 @@ def top_eigenvalues(
     block = as_block_operator(op)
     k = check_positive_int(k, "k")
     if k >= block.n:
-        raise ValueError(f"k must be smaller than n={block.n} (ARPACK's limit), got {k}")
+        raise ValueError(f"k must be smaller than n={block.n}, got {k}")
     which = check_choice(which, "which", WHICH)
     tol = check_real(tol, "tol")
     if tol < 0:
@@ -174,21 +209,14 @@ def top_eigenvalues(
     ncv = check_optional_positive_int(ncv, "ncv")
     if ncv is not None and not k < ncv <= block.n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, i.e. {k} < ncv <= {block.n}, got {ncv}")
-    generator = make_generator(seed)
-    arpack = _Arpack(block.n, generator, tol or 100 * block.eps, maxiter, ncv)
-    scale = _spectral_scale(block, generator)
-    A = as_scipy_float64(block) * (1 / scale)
-    if which == "LM":
-        theta, vectors = arpack.run(A, k, "LM")
-        values = scale * theta
-        order = np.argsort(-np.abs(values), kind="stable")
-    else:
-        sign = 1.0 if which == "LA" else -1.0
-        B = aslinearoperator(identity(block.n)) + A * sign
-        theta, vectors = (
-            arpack.run(B, k, "LA") if which == "LA" else _with_multiplicity(arpack, B, k)
-        )
-        values = sign * scale * (theta - 1)
-        order = np.argsort(-theta, kind="stable")
-    values, vectors = values[order], vectors[:, order]
-    return (values, vectors) if return_eigenvectors else values
+    basis = ncv or min(block.n, max(BASIS, 4 * (k + GUARD)))
+    values, vectors = _block_lanczos(
+        block,
+        k,
+        which,
+        tol or 100 * block.eps,
+        basis,
+        maxiter or 10 * block.n,
+        make_generator(seed),
+    )
+    return (values, vectors.cpu().numpy()) if return_eigenvectors else values
