@@ -90,13 +90,14 @@ def _block_lanczos(
     k: int,
     which: str,
     tol: float,
+    width: int,
     basis: int,
     max_products: int,
     generator: torch.Generator,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """The ``k`` wanted Ritz pairs, wanted end first (see the module notes)."""
+    """The ``k`` wanted Ritz pairs, wanted end first, from blocks of ``width`` columns and a basis
+    of at most ``basis >= min(n, k + width)`` columns (see the module notes)."""
     n, device = block.n, block.device
-    width = max(1, min(k + GUARD, basis - k))
     keep = max(k, (basis - width) // 2)
     start = torch.randn(n, width, generator=generator, dtype=torch.float64)
     Q = torch.linalg.qr(start)[0].to(device)
@@ -117,7 +118,7 @@ def _block_lanczos(
         Q, R = _next_block(W, V, min(width, n - m), np.finfo(np.float64).eps * norm, generator)
         order = _wanted_first(theta, which)
         residuals = np.linalg.norm(R.cpu().numpy() @ Y[m - j :, order[:k]], axis=0)
-        if m >= k and residuals.max(initial=0.0) <= tol * norm:
+        if residuals.max(initial=0.0) <= tol * norm:
             return theta[order[:k]], V @ torch.from_numpy(Y[:, order[:k]]).to(device)
         if m + Q.shape[1] > basis:
             kept = order[:keep]
@@ -166,10 +167,10 @@ def top_eigenvalues(
     maxiter
         Most block products (default ``10 n``).
     ncv
-        Size of the Lanczos basis, ``k < ncv <= n`` (default ``min(n, max(120, 4 (k + 1)))``):
-        ``ncv`` float64 vectors of length ``n`` are held. A larger basis restarts less often,
-        which pays off on small relative gaps at the wanted end. Blocks have ``min(k + 1,
-        ncv - k)`` columns.
+        Size of the Lanczos basis, ``k < ncv <= n``, raised to ``min(n, 2k + 1)`` (``k`` Ritz
+        vectors and a block); default ``min(n, max(120, 4 (k + 1)))``. ``ncv`` float64 vectors of
+        length ``n`` are held. A larger basis restarts less often, which pays off on small
+        relative gaps at the wanted end.
 
     Returns
     -------
@@ -209,12 +210,14 @@ def top_eigenvalues(
     ncv = check_optional_positive_int(ncv, "ncv")
     if ncv is not None and not k < ncv <= block.n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, i.e. {k} < ncv <= {block.n}, got {ncv}")
-    basis = ncv or min(block.n, max(BASIS, 4 * (k + GUARD)))
+    width = min(k + GUARD, block.n)
+    basis = min(block.n, max(ncv or max(BASIS, 4 * width), k + width))
     values, vectors = _block_lanczos(
         block,
         k,
         which,
         tol or 100 * block.eps,
+        width,
         basis,
         maxiter or 10 * block.n,
         make_generator(seed),
