@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from linalg_cases import OUTLIERS, SPECTRA, N, dense_case
-from scipy.sparse.linalg import aslinearoperator
+from linalg_cases import OUTLIERS, SPECTRA, N, dense_case, rotated
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from curvop import top_eigenvalues
 
@@ -14,6 +14,17 @@ def expected(eigenvalues: np.ndarray, k: int, which: str) -> np.ndarray:
     if which == "SA":
         return np.sort(eigenvalues)[:k]
     return eigenvalues[np.argsort(-np.abs(eigenvalues), kind="stable")][:k]
+
+
+def counting_operator(A: np.ndarray) -> tuple[LinearOperator, list[int]]:
+    """``A`` as a ``LinearOperator`` that logs the column count of every product."""
+    columns = []
+
+    def matmat(X: np.ndarray) -> np.ndarray:
+        columns.append(1 if X.ndim == 1 else X.shape[1])
+        return A @ X
+
+    return LinearOperator(A.shape, matvec=matmat, matmat=matmat, dtype=A.dtype), columns
 
 
 CASES = [(name, which) for name in SPECTRA for which in ("LA", "LM", "SA")]
@@ -49,6 +60,37 @@ def test_multiple_eigenvalues_come_back_with_their_multiplicity():
     values, vectors = top_eigenvalues(op, 10, which="SA", return_eigenvectors=True, seed=0)
     np.testing.assert_allclose(values, 0.0, atol=1e-10 * OUTLIERS.max())
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(10), atol=1e-6)
+
+
+@pytest.mark.parametrize(("sign", "which"), [(1.0, "SA"), (-1.0, "LA")])
+def test_degenerate_wanted_end_takes_few_products(sign, which):
+    """A GGN-like bottom (negated: top): a 100-fold zero next to tiny graded eigenvalues, n = 150.
+    ARPACK with deflated restarts took 20000-40000 products here and, for "LA", missed copies."""
+    eigenvalues = np.concatenate([np.zeros(100), np.geomspace(1e-6, 1.0, 50)])
+    A = sign * rotated(eigenvalues)
+    op, columns = counting_operator(A)
+    values, vectors = top_eigenvalues(op, 3, which=which, return_eigenvectors=True, seed=0)
+    assert sum(columns) <= 300
+    np.testing.assert_allclose(values, 0.0, atol=1e-8)  # ||A|| = 1
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=1e-8)
+    assert np.linalg.norm(A @ vectors, axis=0).max() <= 1e-8
+
+
+@pytest.mark.parametrize(("name", "which"), [("indefinite", "LA"), ("zero_cluster", "SA")])
+def test_thick_restarts_keep_the_wanted_pairs(name, which):
+    """A basis of ncv = 16 < n columns is restarted many times on the way."""
+    op, A, eigenvalues = dense_case(name)
+    scale = np.abs(eigenvalues).max()
+    values, vectors = top_eigenvalues(op, 4, which=which, return_eigenvectors=True, seed=0, ncv=16)
+    np.testing.assert_allclose(values, expected(eigenvalues, 4, which), atol=1e-10 * scale)
+    assert np.linalg.norm(A @ vectors - vectors * values, axis=0).max() <= 1e-8 * scale
+
+
+def test_all_but_one_eigenvalue_of_a_zero_cluster():
+    """k = n - 1: the block keeps k + 1 columns, so no invariant subspace can hide a zero."""
+    op, _, eigenvalues = dense_case("zero_cluster")
+    values = top_eigenvalues(op, N - 1, which="SA", seed=0)
+    np.testing.assert_allclose(values, eigenvalues[:-1], atol=1e-10 * OUTLIERS.max())
 
 
 def test_graded_bottom_end_is_found_to_tol_times_the_norm():

@@ -26,8 +26,11 @@ wanted ones are below :math:`\mathrm{tol}\cdot\|A\|`, each then within that dist
 eigenvalue (:math:`\|A\|` is estimated by the largest Ritz value and product column seen). When
 the basis reaches ``ncv`` columns it is thick-restarted: :math:`V \leftarrow V Y` for the Ritz
 vectors of the wanted end that fill half of it. A basis of ``n`` columns spans the whole space,
-which makes the method exact after about ``n`` products when ``ncv = n``; a block without new
-directions (an invariant subspace, e.g. a zero operator) is refilled with random vectors.
+so with ``ncv = n`` (the default up to ``n = 120``) the method is exact after at most about ``n``
+products. A block without new directions (an invariant subspace, e.g. the range of a low-rank
+operator plus :math:`X`) is refilled with random vectors; such a subspace already holds every
+eigenspace whole or with :math:`p > k` of its directions, so its ``k`` wanted Ritz values are the
+wanted eigenvalues, none of them standing in for a copy it misses.
 """
 
 from __future__ import annotations
@@ -101,28 +104,31 @@ def _block_lanczos(
     keep = max(k, (basis - width) // 2)
     start = torch.randn(n, width, generator=generator, dtype=torch.float64)
     Q = torch.linalg.qr(start)[0].to(device)
-    V = torch.zeros(n, 0, dtype=torch.float64, device=device)
+    V = torch.empty(n, basis, dtype=torch.float64, device=device)
     T = np.zeros((0, 0))
-    norm = 0.0
+    m, norm = 0, 0.0
     for _ in range(max_products):
         W = block.matmat(Q)
         norm = max(norm, float(torch.linalg.vector_norm(W, dim=0).max()))
-        V = torch.cat([V, Q], dim=1)
-        H = V.T @ W
-        W = _orthogonalize(V, W - V @ H)
-        m, j = V.shape[1], Q.shape[1]
+        j = Q.shape[1]
+        V[:, m : m + j] = Q
+        m += j
+        H = V[:, :m].T @ W
+        W = _orthogonalize(V[:, :m], W - V[:, :m] @ H)
         column = H.cpu().numpy()
         T = np.block([[T, column[: m - j]], [column.T]])
         theta, Y = eigh((T + T.T) / 2)
         norm = max(norm, float(np.abs(theta).max()))
-        Q, R = _next_block(W, V, min(width, n - m), np.finfo(np.float64).eps * norm, generator)
+        floor = np.finfo(np.float64).eps * norm
+        Q, R = _next_block(W, V[:, :m], min(width, n - m), floor, generator)
         order = _wanted_first(theta, which)
         residuals = np.linalg.norm(R.cpu().numpy() @ Y[m - j :, order[:k]], axis=0)
-        if residuals.max(initial=0.0) <= tol * norm:
-            return theta[order[:k]], V @ torch.from_numpy(Y[:, order[:k]]).to(device)
+        if residuals.max() <= tol * norm:
+            return theta[order[:k]], V[:, :m] @ torch.from_numpy(Y[:, order[:k]]).to(device)
         if m + Q.shape[1] > basis:
             kept = order[:keep]
-            V, T = V @ torch.from_numpy(Y[:, kept]).to(device), np.diag(theta[kept])
+            V[:, :keep] = V[:, :m] @ torch.from_numpy(Y[:, kept]).to(device)
+            T, m = np.diag(theta[kept]), keep
     raise RuntimeError(
         f"top_eigenvalues did not converge in {max_products} block products; pass a larger "
         "tol, maxiter or ncv"
