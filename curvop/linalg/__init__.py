@@ -1,6 +1,6 @@
 """Algorithms on any SciPy ``LinearOperator``, written once against a torch block product.
 
-- :func:`top_eigenvalues` — extreme eigenvalues by ARPACK, robust on singular operators.
+- :func:`top_eigenvalues` — extreme eigenvalues by block Lanczos, robust on singular operators.
 - :func:`solve_damped` — :math:`(A + \\lambda I)x = b` by conjugate gradients or MINRES.
 - :func:`lanczos` — the Lanczos tridiagonal matrix, fully reorthogonalized.
 - :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`xtrace` — trace estimates.

@@ -50,7 +50,7 @@ __all__ = ["top_eigenvalues"]
 
 WHICH = ("LA", "LM", "SA")
 GUARD = 1  # block columns beyond k
-BASIS = 120  # default basis size (ncv), raised to four blocks for large k
+BASIS = 120  # default basis size (ncv), raised to four blocks
 
 
 def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
@@ -99,7 +99,7 @@ def _block_lanczos(
     generator: torch.Generator,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """The ``k`` wanted Ritz pairs, wanted end first, from blocks of ``width`` columns and a basis
-    of at most ``basis >= min(n, k + width)`` columns (see the module notes)."""
+    of at most ``basis >= min(n, 2 (k + width))`` columns (see the module notes)."""
     n, device = block.n, block.device
     keep = max(k, (basis - width) // 2)
     start = torch.randn(n, width, generator=generator, dtype=torch.float64)
@@ -173,9 +173,10 @@ def top_eigenvalues(
     maxiter
         Most block products (default ``10 n``).
     ncv
-        Size of the Lanczos basis, ``k < ncv <= n``, raised to ``min(n, 2k + 1)`` (``k`` Ritz
-        vectors and a block); default ``min(n, max(120, 4 (k + 1)))``. ``ncv`` float64 vectors of
-        length ``n`` are held. A larger basis restarts less often, which pays off on small
+        Size of the Lanczos basis, ``k < ncv <= n`` (default ``min(n, 120)``), raised to
+        ``min(n, 4 (k + 1))`` so that a restart keeps the ``k`` wanted Ritz vectors with half a
+        block to spare (without it, ``"LM"`` can settle on the wrong end). ``ncv`` float64 vectors
+        of length ``n`` are held. A larger basis restarts less often, which pays off on small
         relative gaps at the wanted end.
 
     Returns
@@ -217,7 +218,7 @@ def top_eigenvalues(
     if ncv is not None and not k < ncv <= block.n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, i.e. {k} < ncv <= {block.n}, got {ncv}")
     width = min(k + GUARD, block.n)
-    basis = min(block.n, max(ncv or max(BASIS, 4 * width), k + width))
+    basis = min(block.n, max(ncv or BASIS, 4 * width))
     values, vectors = _block_lanczos(
         block,
         k,
