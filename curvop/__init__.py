@@ -22,6 +22,7 @@ from .operators import (
     FiniteDifferenceHessianOperator,
     GaussNewtonOperator,
     HessianOperator,
+    KinkError,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "FiniteDifferenceHessianOperator",
     "GaussNewtonOperator",
     "HessianOperator",
+    "KinkError",
     "ParamLayout",
     "SolveResult",
     "SpectralDensity",

@@ -13,7 +13,7 @@ silently return garbage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,15 @@ class Batch:
         """Every tensor of the batch, nested ones (in tuples, lists, dicts) included."""
         return list(_tensors((self.inputs, self.targets)))
 
+    def cast(self, dtype: torch.dtype) -> Batch:
+        """The batch with every floating-point tensor converted to ``dtype`` (integer tensors,
+        such as class labels or token ids, unchanged)."""
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+        return Batch(self.index, _map_tensors(self.inputs, convert), convert(self.targets))
+
 
 def _tensors(item: Any) -> Iterator[torch.Tensor]:
     if isinstance(item, torch.Tensor):
@@ -60,14 +69,15 @@ def is_single_batch(data: Any) -> bool:
     return isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)
 
 
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {key: _to_device(value, device) for key, value in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return tuple(_to_device(value, device) for value in inputs)
-    return inputs
+def _map_tensors(item: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``item`` with ``function`` applied to every tensor in it (lists become tuples)."""
+    if isinstance(item, torch.Tensor):
+        return function(item)
+    if isinstance(item, dict):
+        return {key: _map_tensors(value, function) for key, value in item.items()}
+    if isinstance(item, tuple | list):
+        return tuple(_map_tensors(value, function) for value in item)
+    return item
 
 
 def _fingerprint(batch: Batch) -> torch.Tensor:
@@ -140,7 +150,9 @@ class DataSource:
                     f"targets are a tensor, got {type(item).__name__}"
                 )
             inputs, targets = item
-            batch = Batch(index, _to_device(inputs, self.device), targets.to(self.device))
+            batch = Batch(
+                index, _map_tensors(inputs, lambda t: t.to(self.device)), targets.to(self.device)
+            )
             shapes.append(tuple(tuple(t.shape) for t in batch.tensors()))
             stats.append(_fingerprint(batch))
             self._check_shapes(shapes)

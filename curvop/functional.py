@@ -67,7 +67,9 @@ def approximate_hvp(
     r"""``(H + \text{damping}\, I) v`` by central differences of gradients.
 
     The step is :math:`\tfrac{1}{16}\sqrt{\varepsilon}(1 + \|\theta\|)/\|v\|`, scaled to the
-    dtype (see :func:`~curvop.operators.finite_difference.finite_difference_columns`). The
+    dtype (see :func:`~curvop.operators.finite_difference.finite_difference_columns`), and a
+    difference across a kink of ``func`` raises :class:`~curvop.KinkError` (``func`` runs in
+    its parameters' own dtype: in float32 that is unreliable on ReLU networks). The
     parameters are displaced in place and restored bitwise, also when ``func`` raises.
     ``num_samples`` averages that many evaluations of a stochastic ``func``: evaluation ``s`` runs
     under the random seed ``seed + s`` (``seed`` fresh when ``None``), and both sides of a
@@ -75,7 +77,9 @@ def approximate_hvp(
     """
     damping = check_real(damping, "damping")
     objective = ClosureObjective(func, params, num_samples=num_samples, seed=seed)
-    operator = FiniteDifferenceHessianOperator._from_parts(objective, _kernel(None, "central"))
+    operator = FiniteDifferenceHessianOperator._from_parts(
+        objective, _kernel(None, "central", None)
+    )
     product = _multiply(operator, v)
     if damping:
         vectors = as_tensor_list(v, "v")

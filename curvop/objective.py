@@ -112,10 +112,19 @@ class ModelObjective:
     def batches(self) -> Iterator[Batch]:
         return iter(self.source)
 
-    def output(self, batch: Batch, values: Sequence[torch.Tensor]) -> Any:
-        """``model(inputs)`` with ``params`` replaced by ``values``; buffers cloned, never written."""
+    def output(
+        self, batch: Batch, values: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+    ) -> Any:
+        """``model(inputs)`` with ``params`` replaced by ``values``; buffers cloned, never written.
+
+        With ``dtype``, the other parameters, the floating-point buffers and ``batch`` are
+        evaluated in that dtype (``values`` must already have it).
+        """
         state = {n: q.detach() if i is None else values[i] for n, i, q in self._slots}
         state.update({n: b.clone() for n, b in self.model.named_buffers(remove_duplicate=False)})
+        if dtype is not None:
+            state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
+            batch = batch.cast(dtype)
         args, kwargs = batch.model_args()
         with isolated_rng(self.params[0].device, batch.index):
             output = functional_call(self.model, state, args, kwargs, tie_weights=False)
@@ -125,13 +134,25 @@ class ModelObjective:
         return check_scalar_loss(self.loss_fn(output, batch.targets), f"of batch {batch.index}")
 
     @contextmanager
-    def evaluated(self, batch: Batch, displacement: Sequence[torch.Tensor] | None = None):
+    def evaluated(
+        self,
+        batch: Batch,
+        displacement: Sequence[torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         """Yield ``(loss, leaves)``: the loss at ``params + displacement`` and the leaf tensors
-        to differentiate it with respect to (the parameters themselves when not displaced)."""
-        leaves = (
-            self.params if displacement is None else _displaced_leaves(self.params, displacement)
-        )
-        yield self.loss_of_output(batch, self.output(batch, leaves)), leaves
+        to differentiate it with respect to (the parameters themselves when not displaced).
+
+        With ``dtype`` (another precision than the parameters'), the whole evaluation runs in
+        it: parameters, buffers and the floating-point tensors of the batch are converted
+        (exactly, when ``dtype`` is wider), and the leaves have that dtype.
+        """
+        if dtype is None and displacement is None:
+            leaves = self.params
+        else:
+            leaves = _displaced_leaves(self.params, displacement, dtype)
+        output = self.output(batch, leaves, dtype)
+        yield self.loss_of_output(batch.cast(dtype) if dtype else batch, output), leaves
 
 
 class ClosureObjective:
@@ -160,18 +181,29 @@ class ClosureObjective:
 
     def batches(self) -> Iterator[Batch]:
         scalar = torch.zeros(())
-        return (Batch(self.seed + s, None, scalar) for s in range(self.num_samples))
+        return (Batch(s, None, scalar) for s in range(self.num_samples))
 
     @contextmanager
-    def evaluated(self, batch: Batch, displacement: Sequence[torch.Tensor] | None = None):
-        """Yield ``(loss, params)`` with the parameters displaced in place, restored bitwise."""
+    def evaluated(
+        self,
+        batch: Batch,
+        displacement: Sequence[torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Yield ``(loss, params)`` with the parameters displaced in place, restored bitwise.
+
+        ``dtype`` must be ``None``: a closure reads its parameters and data itself, so it can
+        only be evaluated in their own precision.
+        """
+        if dtype is not None:
+            raise ValueError("a closure can only be evaluated in its parameters' own dtype")
         saved = [p.detach().clone() for p in self.params] if displacement is not None else []
         try:
             if displacement is not None:
                 with torch.no_grad():
                     for p, d in zip(self.params, displacement, strict=True):
                         p.add_(d)
-            with isolated_rng(self.params[0].device, batch.index):
+            with isolated_rng(self.params[0].device, self.seed + batch.index):
                 loss = check_scalar_loss(self.func(), "returned by func")
             yield loss, self.params
         finally:
@@ -180,5 +212,13 @@ class ClosureObjective:
                     p.copy_(original)
 
 
-def _displaced_leaves(params: Sequence[torch.Tensor], displacement: Sequence[torch.Tensor]):
-    return [(p.detach() + d).requires_grad_() for p, d in zip(params, displacement, strict=True)]
+def _displaced_leaves(
+    params: Sequence[torch.Tensor],
+    displacement: Sequence[torch.Tensor] | None,
+    dtype: torch.dtype | None,
+) -> list[torch.Tensor]:
+    """Fresh leaves ``params + displacement`` (or copies of ``params``), in ``dtype`` if given."""
+    values = [p.detach().to(dtype) if dtype else p.detach() for p in params]
+    if displacement is not None:
+        values = [value + d for value, d in zip(values, displacement, strict=True)]
+    return [value.requires_grad_() for value in values]

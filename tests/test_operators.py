@@ -104,7 +104,7 @@ def test_block_is_multiplied_in_one_pass_over_the_data():
             op = build(kind, case)
             assert not calls, "constructing an operator must not evaluate the model"
             op.apply(torch.randn(op.shape[0], 5, dtype=torch.float64))
-            per_batch = {"hessian": 1, "ggn": 1, "fd": 10}[kind]
+            per_batch = {"hessian": 1, "ggn": 1, "fd": 2 * 5 + 1}[kind]  # fd: 2k + 1 gradients
             assert len(calls) == 3 * per_batch, kind
             calls.clear()
     finally:

@@ -17,9 +17,10 @@ import torch
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ..operators.base import CurvatureOperator
+from ..symmetry import symmetry_gap, symmetry_tolerance
 from .probes import draw_probes
 
-__all__ = ["BlockOperator", "as_block_operator", "as_scipy_float64"]
+__all__ = ["BlockOperator", "as_block_operator", "as_scipy_float64", "raise_not_symmetric"]
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,16 @@ class BlockOperator:
         Where the vectors live.
     product : callable
         ``(n, k)`` tensor of ``dtype`` on ``device`` -> ``(n, k)`` product.
+    symmetry_tolerance : float
+        The relative asymmetry the operator may show (see :func:`curvop.symmetry.symmetry_tolerance`);
+        algorithms that see more stop with a ``ValueError``.
     """
 
     n: int
     dtype: torch.dtype
     device: torch.device
     product: Callable[[torch.Tensor], torch.Tensor]
+    symmetry_tolerance: float
 
     @property
     def eps(self) -> float:
@@ -51,6 +56,13 @@ class BlockOperator:
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``A V`` for a float64 ``(n, k)`` block: computed in ``dtype``, returned as float64."""
         return self.product(V.to(self.dtype)).to(torch.float64)
+
+    def check_symmetric(self, generator: torch.Generator) -> None:
+        """Raise ``ValueError`` if two random vectors show more asymmetry than allowed (one
+        block product of two columns; see :func:`curvop.symmetry.symmetry_gap`)."""
+        gap = symmetry_gap(self.product, self.n, generator, dtype=self.dtype, device=self.device)
+        if gap > self.symmetry_tolerance:
+            raise_not_symmetric(gap, self.symmetry_tolerance)
 
     def probes(
         self, k: int, generator: torch.Generator, distribution: str = "rademacher"
@@ -66,6 +78,16 @@ class BlockOperator:
         )
 
 
+def raise_not_symmetric(gap: float, tolerance: float) -> None:
+    """The error of every algorithm that finds its operator is not symmetric."""
+    raise ValueError(
+        f"op must be symmetric, but it is not: its relative asymmetry is {gap:.3g} > "
+        f"{tolerance:.3g}. Krylov methods (Lanczos, CG, MINRES) would return garbage or never "
+        "converge on it. A finite-difference Hessian across ReLU-like kinks is the usual cause "
+        "(use HessianOperator); op.check_symmetric() measures it on a curvop operator."
+    )
+
+
 def as_block_operator(op: Any) -> BlockOperator:
     """Wrap ``op`` (a SciPy ``LinearOperator`` or anything ``aslinearoperator`` accepts).
 
@@ -78,7 +100,8 @@ def as_block_operator(op: Any) -> BlockOperator:
     """
     if isinstance(op, CurvatureOperator):
         layout = op.layout
-        return BlockOperator(layout.size, layout.dtype, layout.device, op.apply)
+        tolerance = symmetry_tolerance(layout.dtype, op.accuracy)
+        return BlockOperator(layout.size, layout.dtype, layout.device, op.apply, tolerance)
     if not isinstance(op, LinearOperator):
         try:
             op = aslinearoperator(op)
@@ -98,7 +121,9 @@ def as_block_operator(op: Any) -> BlockOperator:
     def product(V: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(op.matmat(V.cpu().numpy()), dtype=work))
 
-    return BlockOperator(op.shape[0], dtype, torch.device("cpu"), product)
+    return BlockOperator(
+        op.shape[0], dtype, torch.device("cpu"), product, symmetry_tolerance(dtype)
+    )
 
 
 def as_scipy_float64(block: BlockOperator) -> LinearOperator:

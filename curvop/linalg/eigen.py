@@ -42,7 +42,7 @@ import torch
 from scipy.linalg import eigh
 
 from ..validation import check_positive_int, check_real
-from .adapter import BlockOperator, as_block_operator
+from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import check_choice, check_optional_positive_int
 from .probes import make_generator
 
@@ -65,6 +65,23 @@ def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
 def _orthogonalize(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``W`` minus its projection on the orthonormal columns of ``V`` (Gram-Schmidt, once)."""
     return W - V @ (V.T @ W)
+
+
+def _check_coupling(
+    coupling: np.ndarray, expected: np.ndarray, tolerance: float, norm: float
+) -> None:
+    r"""Raise unless the new block couples to the older basis vectors as symmetry demands.
+
+    For symmetric :math:`A`, :math:`V_{\mathrm{old}}^\top A Q = (Q^\top A V_{\mathrm{old}})^\top`
+    is known before the product: zero but for the previous block (:math:`R^\top`) or, after a
+    restart, the kept Ritz vectors. A deviation beyond ``tolerance`` (the operator's symmetry
+    tolerance) times ``norm`` (:math:`\|A\|`) means :math:`A` is not symmetric: a
+    ``ValueError`` now, rather than a run that never converges.
+    """
+    if coupling.size and norm > 0:
+        relative = float(np.abs(coupling - expected).max()) / norm
+        if relative > tolerance:
+            raise_not_symmetric(relative, tolerance)
 
 
 def _next_block(
@@ -106,6 +123,7 @@ def _block_lanczos(
     Q = torch.linalg.qr(start)[0].to(device)
     V = torch.empty(n, basis, dtype=torch.float64, device=device)
     T = np.zeros((0, 0))
+    expected = np.zeros((0, width))  # V^T A Q on the older columns, if A is symmetric
     m, norm = 0, 0.0
     for _ in range(max_products):
         W = block.matmat(Q)
@@ -116,18 +134,24 @@ def _block_lanczos(
         H = V[:, :m].T @ W
         W = _orthogonalize(V[:, :m], W - V[:, :m] @ H)
         column = H.cpu().numpy()
+        _check_coupling(column[: m - j], expected, block.symmetry_tolerance, norm)
         T = np.block([[T, column[: m - j]], [column.T]])
         theta, Y = eigh((T + T.T) / 2)
         norm = max(norm, float(np.abs(theta).max()))
         floor = np.finfo(np.float64).eps * norm
         Q, R = _next_block(W, V[:, :m], min(width, n - m), floor, generator)
+        R = R.cpu().numpy()
         order = _wanted_first(theta, which)
-        residuals = np.linalg.norm(R.cpu().numpy() @ Y[m - j :, order[:k]], axis=0)
+        residuals = np.linalg.norm(R @ Y[m - j :, order[:k]], axis=0)
         if residuals.max() <= tol * norm:
             return theta[order[:k]], V[:, :m] @ torch.from_numpy(Y[:, order[:k]]).to(device)
+        # if A is symmetric, V^T A Q = (Q^T A V)^T, and A V = V T + W
+        expected = np.zeros((m, Q.shape[1]))
+        expected[m - j :] = R.T
         if m + Q.shape[1] > basis:
             kept = order[:keep]
             V[:, :keep] = V[:, :m] @ torch.from_numpy(Y[:, kept]).to(device)
+            expected = (R @ Y[m - j :, kept]).T
             T, m = np.diag(theta[kept]), keep
     raise RuntimeError(
         f"top_eigenvalues did not converge in {max_products} block products; pass a larger "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..validation import check_positive_int, check_seed
-from .adapter import BlockOperator, as_block_operator
+from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import as_float64_vector
 from .probes import make_generator
 
@@ -48,6 +48,31 @@ class LanczosRun(NamedTuple):
     lengths: np.ndarray
 
 
+def _check_symmetric(
+    coefficients: torch.Tensor,
+    betas: torch.Tensor,
+    scale: torch.Tensor,
+    active: torch.Tensor,
+    block: BlockOperator,
+) -> None:
+    r"""Raise unless :math:`Aq_j` couples to the basis as symmetry demands.
+
+    For symmetric :math:`A`, :math:`q_i^\top A q_j = 0` for :math:`i < j - 1` and
+    :math:`q_{j-1}^\top A q_j = \beta_{j-1}`: the Gram-Schmidt ``coefficients`` ``(p, j + 1)``
+    already hold these numbers. A deviation beyond the operator's symmetry tolerance times
+    ``scale`` (the largest :math:`|\alpha|, \beta` so far) raises ``ValueError``.
+    """
+    step = betas.shape[1]
+    if step == 0:
+        return
+    deviation = coefficients[:, :step].clone()
+    deviation[:, step - 1] -= betas[:, step - 1]
+    relative = deviation.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    worst = float(torch.where(active.to(relative.device), relative, 0.0).max())
+    if worst > block.symmetry_tolerance:
+        raise_not_symmetric(worst, block.symmetry_tolerance)
+
+
 def lanczos_block(block: BlockOperator, start: torch.Tensor, num_steps: int) -> LanczosRun:
     r"""Run one Lanczos process per column of ``start`` (``(n, p)``), all products as one block.
 
@@ -71,12 +96,16 @@ def lanczos_block(block: BlockOperator, start: torch.Tensor, num_steps: int) -> 
         w = torch.zeros_like(q)
         w[:, columns] = block.matmat(q[:, columns])
         alphas[:, step] = (q * w).sum(0)
-        for _ in range(2):  # classical Gram-Schmidt, twice, against the whole basis
-            previous = basis[:, : step + 1]
-            w = w - torch.einsum("pkn,pk->np", previous, torch.einsum("pkn,np->pk", previous, w))
+        previous = basis[:, : step + 1]
+        for sweep in range(2):  # classical Gram-Schmidt, twice, against the whole basis
+            coefficients = torch.einsum("pkn,np->pk", previous, w)
+            if sweep == 0:
+                scale = torch.maximum(scale, alphas[:, step].abs())
+                _check_symmetric(coefficients, betas[:, :step], scale, active, block)
+            w = w - torch.einsum("pkn,pk->np", previous, coefficients)
         beta = torch.linalg.vector_norm(w, dim=0)
         betas[:, step] = beta
-        scale = torch.maximum(scale, torch.maximum(alphas[:, step].abs(), beta))
+        scale = torch.maximum(scale, beta)
         stopped = (beta <= tolerance * scale).cpu() & active
         lengths[stopped] = step + 1
         active &= ~stopped

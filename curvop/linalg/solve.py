@@ -14,6 +14,7 @@ from scipy.sparse.linalg import aslinearoperator, cg, minres
 from ..validation import check_real
 from .adapter import as_block_operator, as_scipy_float64
 from .checks import as_float64_vector, check_choice, check_optional_positive_int
+from .probes import make_generator
 
 __all__ = ["ConvergenceWarning", "SolveResult", "solve_damped"]
 
@@ -136,6 +137,7 @@ def solve_damped(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
+    block.check_symmetric(make_generator(0))  # CG and MINRES assume it: fail now, not never
     system = as_scipy_float64(block) + aslinearoperator(identity(block.n)) * damping
     iterations = 0
 

@@ -1,7 +1,7 @@
 """Curvature operators: SciPy ``LinearOperator`` subclasses around one kernel each."""
 
 from .base import CurvatureOperator
-from .finite_difference import FiniteDifferenceHessianOperator
+from .finite_difference import FiniteDifferenceHessianOperator, KinkError
 from .gauss_newton import GaussNewtonOperator
 from .hessian import HessianOperator
 
@@ -10,4 +10,5 @@ __all__ = [
     "FiniteDifferenceHessianOperator",
     "GaussNewtonOperator",
     "HessianOperator",
+    "KinkError",
 ]
