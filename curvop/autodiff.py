@@ -16,6 +16,7 @@ def vjp_columns(
     *,
     retain_graph: bool = False,
     create_graph: bool = False,
+    looped: bool = False,
 ) -> list[torch.Tensor]:
     r"""Columns of :math:`\sum_i (\partial \mathrm{outputs}_i / \partial \mathrm{inputs})^\top c_i`.
 
@@ -24,8 +25,13 @@ def vjp_columns(
     outputs, inputs
         Tensors of one autograd graph.
     cotangents
-        One tensor per output, shaped ``(k, *output.shape)``: ``k`` columns multiplied in one
-        backward pass (``is_grads_batched``; a plain pass when ``k == 1``).
+        One tensor per output, shaped ``(k, *output.shape)``.
+    looped
+        How ``k > 1`` columns are multiplied: one batched backward pass (``False``,
+        ``is_grads_batched``, i.e. ``vmap`` over the backward graph), or ``k`` backward passes
+        over the retained graph (``True``). Which is faster depends on the model: batching pays
+        where the backward pass is many small operations, a loop where an operation has no
+        batching rule and ``vmap`` falls back to a slow path.
 
     Returns
     -------
@@ -37,20 +43,37 @@ def vjp_columns(
     live = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
     if not live:
         return [x.new_zeros((k, *x.shape)) for x in inputs]
-    batched = k > 1
-    grads = torch.autograd.grad(
-        [o for o, _ in live],
-        list(inputs),
-        grad_outputs=[c if batched else c[0] for _, c in live],
-        retain_graph=retain_graph or create_graph,
-        create_graph=create_graph,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
+    live_outputs = [o for o, _ in live]
+
+    def backward(grad_outputs: list[torch.Tensor], retain: bool, batched: bool) -> tuple:
+        return torch.autograd.grad(
+            live_outputs,
+            list(inputs),
+            grad_outputs=grad_outputs,
+            retain_graph=retain or create_graph,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+
+    if k == 1 or looped:
+        passes = [
+            backward([c[j] for _, c in live], retain_graph or j < k - 1, batched=False)
+            for j in range(k)
+        ]
+        grads = [_stacked(g) for g in zip(*passes, strict=True)]
+    else:
+        grads = backward([c for _, c in live], retain_graph, batched=True)
     return [
-        x.new_zeros((k, *x.shape)) if g is None else (g if batched else g.unsqueeze(0))
-        for g, x in zip(grads, inputs, strict=True)
+        x.new_zeros((k, *x.shape)) if g is None else g for g, x in zip(grads, inputs, strict=True)
     ]
+
+
+def _stacked(columns: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
+    """The columns of one input as ``(k, *shape)`` (``None`` if the input is unused)."""
+    if columns[0] is None:
+        return None
+    return columns[0].unsqueeze(0) if len(columns) == 1 else torch.stack(columns)
 
 
 def vjp(

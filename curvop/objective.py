@@ -17,7 +17,7 @@ matrix) and the user's random state is never consumed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,6 +88,71 @@ def check_differentiable(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return params
 
 
+OutputSelector = str | int | Callable[[Any], torch.Tensor] | None
+
+
+def output_selector(output: OutputSelector) -> Callable[[Any], Any] | None:
+    """What picks the tensor the loss is computed from out of the model's output.
+
+    ``None`` keeps the output as it is; a string is a key (``"logits"`` of a dict, or an
+    attribute such as Hugging Face's ``.logits``); an integer indexes a tuple; a callable is
+    applied to the output.
+    """
+    if output is None or callable(output):
+        return output
+    if isinstance(output, bool) or not isinstance(output, str | int):
+        raise TypeError(
+            f"output must be None, a key (str), an index (int) or a callable, got "
+            f"{type(output).__name__}"
+        )
+
+    def select(value: Any) -> Any:
+        if isinstance(output, str) and not isinstance(value, dict) and hasattr(value, output):
+            return getattr(value, output)
+        try:
+            return value[output]
+        except (KeyError, IndexError, TypeError) as error:
+            keys = f" (keys: {list(value)})" if isinstance(value, dict) else ""
+            raise ValueError(
+                f"output={output!r} does not select anything from the model's output, a "
+                f"{type(value).__name__}{keys}"
+            ) from error
+
+    return select
+
+
+def _floating_dtypes(tensors: Iterable[torch.Tensor]) -> set[torch.dtype]:
+    return {t.dtype for t in tensors if t.is_floating_point()}
+
+
+def _explain_dtype_mismatch(error: Exception, batch: Batch, state: dict) -> None:
+    """Raise a ``TypeError`` naming the batch when the model failed on data of another floating
+    dtype than its parameters (e.g. float64 inputs, float32 model); otherwise return."""
+    data, model = _floating_dtypes(batch.input_tensors()), _floating_dtypes(state.values())
+    if data and model and not data <= model:
+        names = sorted(str(d).replace("torch.", "") for d in data - model)
+        have = sorted(str(d).replace("torch.", "") for d in model)
+        raise TypeError(
+            f"batch {batch.index}: the inputs are {', '.join(names)} but the model's parameters "
+            f"are {', '.join(have)}; convert one of them (x.to(torch.{have[0]}) for each batch, "
+            f"or model.to(torch.{names[0]})). The model raised: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _explain_length_mismatch(error: Exception, batch: Batch, output: Any) -> None:
+    """Raise a ``ValueError`` naming the batch when the loss failed on targets whose first
+    dimension differs from the output's; otherwise return."""
+    if not isinstance(output, torch.Tensor) or output.dim() == 0 or batch.targets.dim() == 0:
+        return
+    if output.shape[0] != batch.targets.shape[0]:
+        raise ValueError(
+            f"batch {batch.index}: the model returned {output.shape[0]} outputs (shape "
+            f"{tuple(output.shape)}) but the targets hold {batch.targets.shape[0]} (shape "
+            f"{tuple(batch.targets.shape)}); every batch must be (inputs, targets) of the same "
+            f"samples. The loss raised: {type(error).__name__}: {error}"
+        ) from error
+
+
 class ModelObjective:
     """``loss_fn(model(inputs), targets)`` per batch, as a pure function of ``params``."""
 
@@ -97,10 +162,12 @@ class ModelObjective:
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
         data: Any,
         params: list[torch.Tensor],
+        output: OutputSelector = None,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model, self.loss_fn, self.params = model, loss_fn, params
+        self.select = output_selector(output)
         position = {id(p): i for i, p in enumerate(params)}
         # every name of every parameter, tied weights included: (name, index in params or None, tensor)
         self._slots = [
@@ -127,11 +194,24 @@ class ModelObjective:
             batch = batch.cast(dtype)
         args, kwargs = batch.model_args()
         with isolated_rng(self.params[0].device, batch.index):
-            output = functional_call(self.model, state, args, kwargs, tie_weights=False)
-        return output
+            try:
+                output = functional_call(self.model, state, args, kwargs, tie_weights=False)
+            except Exception as error:
+                _explain_dtype_mismatch(error, batch, state)
+                raise
+        return output if self.select is None else self.select(output)
 
-    def loss_of_output(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
-        return check_scalar_loss(self.loss_fn(output, batch.targets), f"of batch {batch.index}")
+    def loss_of_output(self, batch: Batch, output: Any) -> torch.Tensor:
+        try:
+            loss = self.loss_fn(output, batch.targets)
+        except Exception as error:
+            _explain_length_mismatch(error, batch, output)
+            raise
+        return check_scalar_loss(loss, f"of batch {batch.index}")
+
+    def loss_function(self, batch: Batch) -> Callable[..., torch.Tensor]:
+        """The loss of ``batch`` as a pure function of the parameters' values, for ``torch.func``."""
+        return lambda *values: self.loss_of_output(batch, self.output(batch, values))
 
     @contextmanager
     def evaluated(

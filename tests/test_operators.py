@@ -28,11 +28,20 @@ OPERATORS = {
     "ggn": (GaussNewtonOperator, dense_ggn, 1e-10),
     "fd": (FiniteDifferenceHessianOperator, dense_hessian, 1e-6),
 }
+KERNELS = ["batched", "looped", "forward"]
+# every kernel of the exact operators, forced (the default "auto" picks one of them by timing)
+VARIANTS = {
+    **{f"{kind}-{kernel}": (kind, kernel) for kind in ("hessian", "ggn") for kernel in KERNELS},
+    "hessian": ("hessian", "auto"),
+    "ggn": ("ggn", "auto"),
+    "fd": ("fd", None),
+}
 
 
-def build(kind: str, case: Case):
+def build(kind: str, case: Case, kernel: str | None = "auto"):
     cls = OPERATORS[kind][0]
-    return cls(case.model, case.loss_fn, case.data, case.params)
+    options = {} if kind == "fd" else {"kernel": kernel}
+    return cls(case.model, case.loss_fn, case.data, case.params, **options)
 
 
 def relative_error(actual, expected) -> float:
@@ -40,12 +49,15 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-@pytest.mark.parametrize("kind", OPERATORS)
-def test_products_match_dense_truth(kind: str, case: Case):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_products_match_dense_truth(variant: str, case: Case):
+    kind, kernel = VARIANTS[variant]
+    if variant == "hessian-forward" and isinstance(case.loss_fn, nn.MSELoss):
+        pytest.skip("torch.func cannot run forward-over-reverse through mse_loss (torch 2.13)")
     _, truth_of, tolerance = OPERATORS[kind]
     truth = truth_of(case).numpy()
     snapshot = model_snapshot(case.model)
-    op = build(kind, case)
+    op = build(kind, case, kernel)
     n = truth.shape[0]
     assert op.shape == (n, n) and op.dtype == np.float64 and op.layout.size == n
     rng = np.random.default_rng(0)
@@ -101,7 +113,7 @@ def test_block_is_multiplied_in_one_pass_over_the_data():
     handle = case.model.register_forward_hook(lambda *_: calls.append(1))
     try:
         for kind in OPERATORS:
-            op = build(kind, case)
+            op = build(kind, case, "batched")
             assert not calls, "constructing an operator must not evaluate the model"
             op.apply(torch.randn(op.shape[0], 5, dtype=torch.float64))
             per_batch = {"hessian": 1, "ggn": 1, "fd": 2 * 5 + 1}[kind]  # fd: 2k + 1 gradients
@@ -109,6 +121,91 @@ def test_block_is_multiplied_in_one_pass_over_the_data():
             calls.clear()
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_auto_kernel_times_the_candidates_on_the_first_batch_only(kind: str):
+    """The first product of a width runs every candidate once on batch 0 (the first twice, as
+    its first run pays one-time costs) and keeps the fastest; later products run it alone."""
+    case = make_case("mlp", "ce", "mean", (4, 4, 3))
+    calls = []
+    handle = case.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        op = build(kind, case)
+        V = torch.randn(op.shape[0], 5, dtype=torch.float64)
+        first = op.apply(V)
+        forward_passes = {"hessian": 1, "ggn": 2}[kind]  # the GGN's forward kernel runs two
+        assert len(calls) == (3 + forward_passes) + 2  # batch 0: batched, looped, forward, batched
+        selection = op.kernel_selections[5]
+        assert selection.kernel in KERNELS and set(selection.seconds) == set(KERNELS)
+        assert op.column_seconds(5) == selection.seconds[selection.kernel] / 5
+        assert op.column_seconds(1) is None
+        calls.clear()
+        second = op.apply(V)
+        assert len(calls) == 3 * (forward_passes if selection.kernel == "forward" else 1)
+        torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-14)
+        op.apply(V[:, 0])  # width 1: no "looped" candidate
+        assert set(op.kernel_selections[1].seconds) == {"batched", "forward"}
+    finally:
+        handle.remove()
+
+
+def test_a_forced_kernel_is_used_alone_and_an_unknown_one_is_refused():
+    case = make_case("mlp", "mse", "mean", (4, 4, 3))
+    op = build("hessian", case, "looped")
+    op.apply(torch.randn(op.shape[0], 3, dtype=torch.float64))
+    assert op.kernel_selections[3].kernel == "looped"
+    assert set(op.kernel_selections[3].seconds) == {"looped"}
+    with pytest.raises(
+        ValueError, match=r"kernel must be one of \('auto', 'batched', 'looped', 'forward'\)"
+    ):
+        build("hessian", case, "fastest")
+    closure = HessianOperator.from_function(
+        lambda: case.model[0].weight.square().sum(), list(case.model.parameters())
+    )
+    closure.apply(torch.randn(closure.shape[0], 2, dtype=torch.float64))
+    assert set(closure.kernel_selections[2].seconds) == {"batched", "looped"}
+
+
+class Cube(torch.autograd.Function):
+    """A custom op with a backward (so double backward works) but no torch.func support, as
+    custom CUDA kernels often are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CustomOpModel(nn.Module):
+    """A model torch.func cannot transform: a custom autograd.Function without setup_context."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return Cube.apply(self.layer(x))
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GaussNewtonOperator])
+def test_auto_falls_back_when_torch_func_cannot_trace_the_model(cls):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+    op = cls(CustomOpModel(), nn.MSELoss(), (x, y))
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64)
+    product = op.apply(V)
+    selection = op.kernel_selections[4]
+    assert "forward" in selection.failures and selection.kernel in ("batched", "looped")
+    forced = cls(CustomOpModel(), nn.MSELoss(), (x, y), kernel="forward")
+    with pytest.raises(RuntimeError):
+        forced.apply(V)
+    assert product.shape == V.shape
 
 
 def test_mean_reduction_weights_batches_by_sample_count():

@@ -154,7 +154,7 @@ def test_ggn_requires_a_tensor_output():
             return {"logits": self.layer(x)}
 
     op = GaussNewtonOperator(DictOutput(), nn.MSELoss(), batch())
-    with pytest.raises(TypeError, match="the model must return a tensor, got dict"):
+    with pytest.raises(TypeError, match="the model returned a dict.*pass output='logits'"):
         op.apply(torch.zeros(N, dtype=F64))
 
 

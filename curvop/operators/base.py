@@ -12,16 +12,16 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from ..data import Batch
+from ..distributed import allreduce_product, check_group
 from ..layout import ParamLayout
-from ..objective import ClosureObjective, ModelObjective, resolve_params
+from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolve_params
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from ..validation import check_positive_int, check_real, check_seed
+from .kernels import Kernel, KernelChoice, Selection
 
 __all__ = ["CurvatureOperator", "resolve_reduction"]
 
 Objective = ModelObjective | ClosureObjective
-Kernel = Callable[[Objective, Batch, Sequence[torch.Tensor]], list[torch.Tensor]]
 
 REDUCTIONS = ("mean", "sum")
 DENSE_BLOCK = 256  # columns per product in to_dense
@@ -80,34 +80,60 @@ def _first_frame_outside_curvop() -> int:
     return level
 
 
-def _accumulate(total: torch.Tensor, product: torch.Tensor, weight: int) -> torch.Tensor:
-    """``total + weight * product`` in float64: in place, unless autograd must record it
-    (``create_graph`` in the functional API)."""
-    if product.requires_grad:
-        return total + weight * product
-    return total.add_(product, alpha=weight)
+class _BatchSum:
+    r"""The weighted sum :math:`\sum_b w_b P_b` of per-batch products, per parameter.
+
+    Products are summed in their own dtype over at most ``CHUNK`` batches, then folded into
+    float64: about 16x fewer mixed-precision passes (slow ones: a float32 -> float64 add is several
+    times slower than a float32 add on a CPU) than summing every batch in float64, with the
+    rounding of a float32 sum bounded by that of ``CHUNK`` terms whatever the number of batches.
+    The first batch's products are adopted, not copied; a product that requires grad
+    (``create_graph`` in the functional API) is summed out of place.
+    """
+
+    CHUNK = 16
+
+    def __init__(self) -> None:
+        self.chunk: list[torch.Tensor] | None = None
+        self.wide: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def add(self, products: list[torch.Tensor], weight: int) -> None:
+        if self.chunk is None:
+            self.chunk = [p * weight if p.requires_grad else p.mul_(weight) for p in products]
+        else:
+            self.chunk = [
+                c + weight * p if p.requires_grad else c.add_(p, alpha=weight)
+                for c, p in zip(self.chunk, products, strict=True)
+            ]
+        self.count += 1
+        if self.count == self.CHUNK and self.chunk[0].dtype != torch.float64:
+            self._fold()
+
+    def _fold(self) -> None:
+        wide = [c.to(torch.float64) for c in self.chunk]
+        self.wide = (
+            wide if self.wide is None else [a.add_(b) for a, b in zip(self.wide, wide, strict=True)]
+        )
+        self.chunk, self.count = None, 0
+
+    def total(self, k: int) -> torch.Tensor:
+        """The sum as one ``(k, n)`` tensor (float64 if anything was folded)."""
+        if self.wide is not None and self.chunk is not None:
+            self._fold()
+        parts = self.wide if self.wide is not None else self.chunk
+        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
 
 
 class CurvatureOperator(LinearOperator):
     r"""A symmetric ``n x n`` curvature matrix of a PyTorch loss as a SciPy ``LinearOperator``.
 
-    Subclasses choose the kernel (the curvature of one batch times a block of columns); this class
-    loops over the data once per product, weights the batches by their sample counts and converts
-    between numpy and torch. Products accumulate over batches in float64.
-
-    Parameters
-    ----------
-    model
-        The network. It is never modified: parameters, buffers and ``training`` stay as they are.
-    loss_fn
-        ``loss_fn(output, targets) -> scalar``; its ``reduction`` attribute, when present, fixes
-        the reduction.
-    data
-        One ``(inputs, targets)`` batch or a re-iterable collection of batches.
-    params
-        The parameters to differentiate (default: all of the model's that require grad).
-    reduction
-        ``"mean"`` (default) or ``"sum"`` when ``loss_fn`` has no ``reduction`` attribute.
+    The base of :class:`HessianOperator`, :class:`GaussNewtonOperator` and
+    :class:`FiniteDifferenceHessianOperator`, which document their parameters. Each product
+    loops over the data once, multiplies every batch with the operator's kernel, weights the
+    batches by their sample counts and converts between numpy and torch; with a
+    ``process_group``, the ranks' partial products are summed by one all-reduce
+    (:mod:`curvop.distributed`).
 
     Attributes
     ----------
@@ -117,9 +143,10 @@ class CurvatureOperator(LinearOperator):
         ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
     accuracy : float
         The stated relative accuracy of a product: 0 for exact operators (rounding only).
+    process_group
+        The ``torch.distributed`` group the data is sharded over, or ``None``.
     """
 
-    kernel: Kernel  # the curvature of one batch times a block of columns; set by each subclass
     accuracy: float = 0.0
 
     def __init__(
@@ -130,27 +157,50 @@ class CurvatureOperator(LinearOperator):
         params: Sequence[torch.Tensor] | None = None,
         *,
         reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: KernelChoice,
+        process_group: Any = None,
     ):
-        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params))
+        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params), output)
         warn_active_dropout(model)
-        self._setup(objective, self.kernel, resolve_reduction(loss_fn, reduction))
+        reduction = resolve_reduction(loss_fn, reduction)
+        self._setup(objective, kernel, reduction, check_group(process_group))
 
-    def _setup(self, objective: Objective, kernel: Kernel, reduction: str) -> None:
+    def _setup(
+        self, objective: Objective, kernel: KernelChoice, reduction: str, process_group: Any = None
+    ) -> None:
         self._objective, self._kernel, self.reduction = objective, kernel, reduction
+        self.process_group = process_group
         self.layout = ParamLayout(objective.params)
         dtype = torch.empty((), dtype=self.layout.dtype).numpy().dtype
         super().__init__(dtype=dtype, shape=(self.layout.size, self.layout.size))
 
     @classmethod
-    def _from_parts(cls, objective: Objective, kernel: Kernel, reduction: str = "mean"):
+    def _from_parts(
+        cls, objective: Objective, kernel: KernelChoice | Kernel, reduction: str = "mean"
+    ):
         """An operator of ``cls`` around any objective and kernel (closures, the functional API)."""
         operator = cls.__new__(cls)
+        if not isinstance(kernel, KernelChoice):
+            kernel = KernelChoice({"given": kernel}, "given")
         operator._setup(objective, kernel, reduction)
         return operator
 
     def __repr__(self) -> str:
         n = self.shape[0]
         return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, reduction={self.reduction!r}>"
+
+    @property
+    def kernel_selections(self) -> dict[int, Selection]:
+        """Per block width: the kernel in use and the seconds each candidate took on the first
+        batch of the first product of that width (see :mod:`curvop.operators.kernels`)."""
+        return dict(self._kernel.selections)
+
+    def column_seconds(self, k: int) -> float | None:
+        """Measured seconds per column of a ``k``-column product on the first batch, or ``None``
+        before the first product of that width. The spectral toolkit reads it to choose block
+        widths."""
+        return self._kernel.column_seconds(k)
 
     # ------------------------------------------------------------------ torch interface
     def apply(self, V: torch.Tensor) -> torch.Tensor:
@@ -164,36 +214,53 @@ class CurvatureOperator(LinearOperator):
         block = V if V.dim() == 2 else V.unsqueeze(1)
         if block.shape[1] == 0:
             return torch.zeros_like(V)
+        k = block.shape[1]
+        partial, samples, failure = self._partial_product(block)
+        if self.process_group is not None:
+            partial, samples = allreduce_product(
+                partial, samples, failure, (k, self.layout.size), block.device, self.process_group
+            )
+        elif failure is not None:
+            raise failure
+        if self.reduction == "mean":
+            partial = partial / samples
+        result = partial.T.to(self.layout.dtype).contiguous()
+        return result if V.dim() == 2 else result.squeeze(1)
+
+    def _partial_product(
+        self, block: torch.Tensor
+    ) -> tuple[torch.Tensor | None, int, BaseException | None]:
+        """This process's sum of weighted batch products as ``(k, n)``, its sample count, and
+        the exception it hit (caught, so that other ranks learn of it; raised by the caller)."""
         columns = [t.movedim(-1, 0) for t in self.layout.split(block)]
-        totals = [torch.zeros_like(c, dtype=torch.float64) for c in columns]
-        batch_sums, total_samples = [], 0
+        total, samples = _BatchSum(), 0
+        try:
+            for batch in self._objective.batches():
+                with torch.inference_mode(False), torch.enable_grad():
+                    products = self._kernel(self._objective, batch, columns)
+                total.add(products, batch.num_samples if self.reduction == "mean" else 1)
+                samples += batch.num_samples
+            partial = total.total(block.shape[1])
+            if not bool(torch.isfinite(partial.sum())):  # one reduction; the culprit on failure
+                self._raise_not_finite(block, columns)
+        except Exception as error:
+            return None, samples, error
+        return partial, samples, None
+
+    def _raise_not_finite(self, block: torch.Tensor, columns: list[torch.Tensor]) -> None:
+        """Blame ``V`` itself, or find the first batch whose product holds NaN or Inf (another
+        pass over the data, on this error path only). Returns if none does: the sum overflowed."""
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError("V must be finite, got a vector that contains NaN or Inf")
         for batch in self._objective.batches():
             with torch.inference_mode(False), torch.enable_grad():
                 products = self._kernel(self._objective, batch, columns)
-            weight = batch.num_samples if self.reduction == "mean" else 1
-            totals = [_accumulate(t, p, weight) for t, p in zip(totals, products, strict=True)]
-            batch_sums.append(sum(p.sum(dtype=torch.float64) for p in products))
-            total_samples += batch.num_samples
-        self._check_finite(batch_sums, V)
-        if self.reduction == "mean":
-            totals = [t / total_samples for t in totals]
-        result = self.layout.flatten([t.movedim(0, -1) for t in totals]).to(self.layout.dtype)
-        return result if V.dim() == 2 else result.squeeze(1)
-
-    @staticmethod
-    def _check_finite(batch_sums: list[torch.Tensor], V: torch.Tensor) -> None:
-        """One host sync per product: the sum of a batch's product is not finite exactly when
-        the product holds a NaN or Inf (float64 sums of finite entries cannot overflow).
-        On failure, blame ``V`` itself or the first bad batch."""
-        finite = torch.isfinite(torch.stack(batch_sums))
-        if not bool(finite.all()):
-            if not bool(torch.isfinite(V).all()):
-                raise ValueError("V must be finite, got a vector that contains NaN or Inf")
-            first = int((~finite).nonzero()[0])
-            raise FloatingPointError(
-                f"the product is not finite: batch {first} gave NaN or Inf (check the inputs and "
-                "targets of that batch, the loss and the parameters for NaN/Inf or overflow)"
-            )
+            if not all(bool(torch.isfinite(p).all()) for p in products):
+                raise FloatingPointError(
+                    f"the product is not finite: batch {batch.index} gave NaN or Inf (check the "
+                    "inputs and targets of that batch, the loss and the parameters for NaN/Inf "
+                    "or overflow)"
+                )
 
     def to_dense(self, max_size: int = 4096) -> np.ndarray:
         """The ``(n, n)`` matrix as numpy, from block products with the identity.

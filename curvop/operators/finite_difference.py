@@ -12,9 +12,10 @@ from torch import nn
 
 from ..autodiff import vjp
 from ..data import Batch
-from ..objective import ClosureObjective, ModelObjective
+from ..objective import ClosureObjective, ModelObjective, OutputSelector
 from ..validation import check_real
 from .base import CurvatureOperator
+from .kernels import KernelChoice
 
 __all__ = [
     "FiniteDifferenceHessianOperator",
@@ -144,11 +145,13 @@ def finite_difference_columns(
     return [torch.stack(column).to(params[0].dtype) for column in zip(*products, strict=True)]
 
 
-def _kernel(eps: float | None, scheme: str, dtype: torch.dtype | None):
+def _kernel(eps: float | None, scheme: str, dtype: torch.dtype | None) -> KernelChoice:
+    """The one kernel of a finite-difference operator (timed like the others' candidates)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     eps = None if eps is None else check_real(eps, "eps", positive=True)
-    return functools.partial(finite_difference_columns, eps=eps, scheme=scheme, dtype=dtype)
+    kernel = functools.partial(finite_difference_columns, eps=eps, scheme=scheme, dtype=dtype)
+    return KernelChoice({scheme: kernel})
 
 
 class FiniteDifferenceHessianOperator(CurvatureOperator):
@@ -171,8 +174,12 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, reduction
-        As for :class:`CurvatureOperator`.
+    model, loss_fn, data, params, reduction, output, process_group
+        As for :class:`HessianOperator`: the network (never modified), ``loss_fn(output,
+        targets) -> scalar``, one ``(inputs, targets)`` batch or a re-iterable collection of
+        them, the parameters (default: all that require grad), the reduction when ``loss_fn``
+        has none, what to pick from a model output that is not a tensor, and the
+        ``torch.distributed`` group the data is sharded over.
     eps
         The step ``h`` in :math:`\theta \pm h v`; default
         :math:`\tfrac{1}{16}\sqrt{\varepsilon}\,(1 + \|\theta\|) / \|v\|` (:math:`\varepsilon`
@@ -211,15 +218,19 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         params: Sequence[torch.Tensor] | None = None,
         *,
         reduction: str | None = None,
+        output: OutputSelector = None,
         eps: float | None = None,
         scheme: str = "central",
         precision: str = "float64",
+        process_group: Any = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         dtype = torch.float64 if precision == "float64" else None
-        self.kernel = _kernel(eps, scheme, dtype)
-        super().__init__(model, loss_fn, data, params, reduction=reduction)
+        super().__init__(
+            model, loss_fn, data, params, reduction=reduction, output=output,
+            kernel=_kernel(eps, scheme, dtype), process_group=process_group,
+        )  # fmt: skip
         if precision == "native" and self.layout.dtype != torch.float64:
             self.accuracy = ACCURACY["native"]
 

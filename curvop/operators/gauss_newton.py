@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ModelObjective
+from ..objective import ModelObjective, OutputSelector
 from .base import CurvatureOperator
+from .kernels import AUTO, KernelChoice
 
-__all__ = ["GaussNewtonOperator", "gauss_newton_columns"]
+__all__ = ["GaussNewtonOperator", "gauss_newton_columns", "gauss_newton_columns_forward"]
+
+
+def _model_output(objective: ModelObjective, batch: Batch, values: Sequence[torch.Tensor]):
+    output = objective.output(batch, values)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the model returned a {type(output).__name__}, but the Gauss-Newton matrix "
+            "differentiates one output tensor: pass output='logits' (a key or attribute), an "
+            "index, or a callable that picks it, e.g. GaussNewtonOperator(..., output='logits')"
+        )
+    return output
+
+
+def _loss_hessian_times(
+    objective: ModelObjective, batch: Batch, output: torch.Tensor, jv: torch.Tensor, **options
+) -> torch.Tensor:
+    r""":math:`(\nabla^2_f \ell)\, JV`: reverse-over-reverse through the loss alone (autograd, so
+    any loss works: MSE, cross-entropy, BCE-with-logits, custom)."""
+    detached = output.detach().requires_grad_()
+    loss = objective.loss_of_output(batch, detached)
+    output_gradient = vjp(loss, [detached], create_graph=True)
+    return vjp_columns(output_gradient, [detached], [jv], **options)[0]
 
 
 def gauss_newton_columns(
@@ -20,34 +46,56 @@ def gauss_newton_columns(
     columns: Sequence[torch.Tensor],
     *,
     create_graph: bool = False,
+    looped: bool = False,
 ) -> list[torch.Tensor]:
-    r"""GGN of one batch times ``k`` columns: :math:`J^\top (\nabla^2_f \ell) J V`.
+    r"""GGN of one batch times ``k`` columns, :math:`J^\top (\nabla^2_f \ell) J V`, all in reverse
+    mode.
 
     :math:`J = \partial f / \partial \theta` is the Jacobian of the model output ``f``. The cost
     is a constant number of passes, independent of the number of outputs:
 
     1. :math:`JV` by the double-vjp trick: :math:`g(u) = J^\top u` is linear in a dummy ``u``,
-       so :math:`\partial \langle g(u), v \rangle / \partial u = J v`.
-    2. :math:`(\nabla^2_f \ell) JV` by reverse-over-reverse through the loss alone (autograd, so
-       any loss works: MSE, cross-entropy, BCE-with-logits, custom).
-    3. :math:`J^\top (\cdot)` by one batched vjp.
+       so :math:`\partial \langle g(u), v \rangle / \partial u = J v`;
+    2. :math:`(\nabla^2_f \ell) JV` through the loss alone;
+    3. :math:`J^\top (\cdot)` by a vjp.
+
+    The backward passes over ``k`` columns are batched, or ``looped`` over retained graphs.
     """
+    options = {"create_graph": create_graph, "looped": looped}
     params = objective.params
-    output = objective.output(batch, params)
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"the model must return a tensor, got {type(output).__name__} (the Gauss-Newton "
-            "matrix differentiates the model output)"
-        )
+    output = _model_output(objective, batch, params)
     dummy = torch.zeros_like(output, requires_grad=True)
     transposed = vjp(output, params, dummy, create_graph=True)
-    jv = vjp_columns(transposed, [dummy], columns, create_graph=create_graph)[0]
+    jv = vjp_columns(transposed, [dummy], columns, **options)[0]
+    hjv = _loss_hessian_times(objective, batch, output, jv, **options)
+    return vjp_columns([output], params, [hjv], **options)
 
-    detached = output.detach().requires_grad_()
-    loss = objective.loss_of_output(batch, detached)
-    output_gradient = vjp(loss, [detached], create_graph=True)[0]
-    hjv = vjp_columns([output_gradient], [detached], [jv], create_graph=create_graph)[0]
-    return vjp_columns([output], params, [hjv], create_graph=create_graph)
+
+def gauss_newton_columns_forward(
+    objective: ModelObjective, batch: Batch, columns: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    r"""The same product with :math:`JV` in forward mode: ``torch.func.jvp`` of the model output,
+    ``vmap``-ed over the columns (one more forward pass, no double-vjp)."""
+    params = objective.params
+    output = _model_output(objective, batch, params)
+    primals = tuple(p.detach() for p in params)
+
+    def jvp(*tangents: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(lambda *v: _model_output(objective, batch, v), primals, tangents)[1]
+
+    if columns[0].shape[0] == 1:
+        jv = jvp(*(c[0] for c in columns)).unsqueeze(0)
+    else:
+        jv = torch.func.vmap(jvp, randomness="same")(*columns)
+    hjv = _loss_hessian_times(objective, batch, output, jv)
+    return vjp_columns([output], params, [hjv])
+
+
+KERNELS = {
+    "batched": gauss_newton_columns,
+    "looped": functools.partial(gauss_newton_columns, looped=True),
+    "forward": gauss_newton_columns_forward,
+}
 
 
 class GaussNewtonOperator(CurvatureOperator):
@@ -57,19 +105,49 @@ class GaussNewtonOperator(CurvatureOperator):
     and :math:`H_b = \nabla^2_f \ell_b` the Hessian of the loss with respect to that output
     (computed by autograd, so every loss works). :math:`G` is positive semi-definite whenever the
     loss is convex in the output, and equals the Hessian when the model is linear in its
-    parameters. Batch weights :math:`w_b` are as in :class:`HessianOperator`.
+    parameters. Batch weights :math:`w_b` are as in :class:`HessianOperator`. A product costs a
+    constant number of passes, whatever the number of outputs.
 
-    Parameters are those of :class:`CurvatureOperator`. The model must return a tensor.
+    Parameters
+    ----------
+    model, loss_fn, data, params, reduction
+        As for :class:`HessianOperator`: the network (never modified), ``loss_fn(output,
+        targets) -> scalar``, one ``(inputs, targets)`` batch or a re-iterable collection of
+        them, the parameters to differentiate (default: all that require grad), and the
+        reduction when ``loss_fn`` has no ``reduction`` attribute.
+    output
+        The model output :math:`f` that ``J`` differentiates and the loss receives, when the
+        model returns more than a tensor (a dict such as ``{"logits": ...}``, a Hugging Face
+        output, a tuple): a key or attribute name (``"logits"``), an index, or a callable.
+    kernel
+        ``"auto"`` (default: timed on the first batch, the fastest kept), ``"batched"`` or
+        ``"looped"`` (:math:`JV` by the double-vjp trick, the backward passes over the columns
+        ``vmap``-ed or looped), or ``"forward"`` (:math:`JV` by ``torch.func.jvp``).
+    process_group
+        As for :class:`HessianOperator`: the data sharded over ``torch.distributed`` ranks.
 
     Examples
     --------
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     >>> G = GaussNewtonOperator(model, nn.CrossEntropyLoss(), (x, y))
-    >>> from scipy.sparse.linalg import aslinearoperator, cg
-    >>> import numpy as np
-    >>> damped = G + 1e-2 * aslinearoperator(np.eye(G.shape[0]))
-    >>> x, info = cg(damped, np.ones(G.shape[0]))
+    >>> import curvop
+    >>> step = curvop.solve_damped(G, torch.ones(G.shape[0]), damping=1e-2).x
     """
 
-    kernel = staticmethod(gauss_newton_columns)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: str = AUTO,
+        process_group: Any = None,
+    ):
+        super().__init__(
+            model, loss_fn, data, params, reduction=reduction, output=output,
+            kernel=KernelChoice(KERNELS, kernel), process_group=process_group,
+        )  # fmt: skip

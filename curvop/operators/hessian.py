@@ -1,17 +1,21 @@
-"""The exact Hessian of the loss, by reverse-over-reverse differentiation."""
+"""The exact Hessian of the loss: reverse-over-reverse or forward-over-reverse products."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ClosureObjective, ModelObjective
+from ..objective import ClosureObjective, ModelObjective, OutputSelector
 from .base import CurvatureOperator
+from .kernels import AUTO, KernelChoice
 
-__all__ = ["HessianOperator", "hessian_columns"]
+__all__ = ["HessianOperator", "hessian_columns", "hessian_columns_forward"]
 
 
 def hessian_columns(
@@ -20,15 +24,43 @@ def hessian_columns(
     columns: Sequence[torch.Tensor],
     *,
     create_graph: bool = False,
+    looped: bool = False,
 ) -> list[torch.Tensor]:
-    r"""Hessian of one batch's loss times ``k`` columns: :math:`\nabla^2_\theta \ell \, V`.
+    r"""Hessian of one batch's loss times ``k`` columns, :math:`\nabla^2_\theta \ell \, V`, by
+    reverse-over-reverse differentiation.
 
-    One forward pass, one backward pass with ``create_graph``, then one batched backward pass of
-    :math:`\langle \nabla_\theta \ell, v_j \rangle` for all ``k`` columns.
+    One forward pass, one backward pass with ``create_graph``, then a backward pass of
+    :math:`\langle \nabla_\theta \ell, v_j \rangle` for the ``k`` columns: batched, or ``looped``
+    over the retained graph (see :func:`~curvop.autodiff.vjp_columns`).
     """
     with objective.evaluated(batch) as (loss, leaves):
         gradient = vjp(loss, leaves, create_graph=True)
-        return vjp_columns(gradient, leaves, columns, create_graph=create_graph)
+        return vjp_columns(gradient, leaves, columns, create_graph=create_graph, looped=looped)
+
+
+def hessian_columns_forward(
+    objective: ModelObjective, batch: Batch, columns: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    r"""The same product by forward-over-reverse differentiation with ``torch.func``:
+    :math:`Hv = \partial_t \nabla\ell(\theta + t v)|_{t=0}`, the ``jvp`` of the gradient,
+    ``vmap``-ed over the ``k`` columns (the gradient's own graph is shared by all of them).
+    """
+    gradient = torch.func.grad(objective.loss_function(batch), argnums=tuple(range(len(columns))))
+    primals = tuple(p.detach() for p in objective.params)
+
+    def product(*tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.func.jvp(gradient, primals, tangents)[1]
+
+    if columns[0].shape[0] == 1:
+        return [t.unsqueeze(0) for t in product(*(c[0] for c in columns))]
+    return list(torch.func.vmap(product, randomness="same")(*columns))
+
+
+KERNELS = {
+    "batched": hessian_columns,
+    "looped": functools.partial(hessian_columns, looped=True),
+    "forward": hessian_columns_forward,
+}
 
 
 class HessianOperator(CurvatureOperator):
@@ -39,11 +71,41 @@ class HessianOperator(CurvatureOperator):
         w_b = \frac{N_b}{\sum_c N_c} \text{ (mean)} \quad\text{or}\quad w_b = 1 \text{ (sum)},
 
     where :math:`\ell_b` is ``loss_fn(model(inputs_b), targets_b)`` and :math:`N_b` the batch's
-    sample count, so a short last batch is weighted exactly. Each product costs about
-    four gradient evaluations per batch for a single vector; a block of ``k`` columns is
-    multiplied in one pass over the data with one batched backward pass per batch.
+    sample count, so a short last batch is weighted exactly. A block of ``k`` columns is
+    multiplied in one pass over the data. Each product costs about three to four gradients for
+    one column, less per column in a block where the model allows it.
 
-    Parameters are those of :class:`CurvatureOperator`.
+    Parameters
+    ----------
+    model
+        The network. It is never modified: parameters, buffers and ``training`` stay as they are.
+    loss_fn
+        ``loss_fn(output, targets) -> scalar``; its ``reduction`` attribute, when present, fixes
+        the reduction.
+    data
+        One ``(inputs, targets)`` batch or a re-iterable collection of batches (a list, a
+        ``DataLoader`` with ``shuffle=False``). ``inputs`` is a tensor, a tuple (positional
+        arguments) or a dict (keyword arguments); the sample count is ``targets.shape[0]``.
+    params
+        The parameters to differentiate (default: all of the model's that require grad).
+    reduction
+        ``"mean"`` (default) or ``"sum"`` when ``loss_fn`` has no ``reduction`` attribute.
+    output
+        What the loss is computed from when the model returns more than a tensor: a key
+        (``"logits"`` of a dict, or an attribute such as a Hugging Face output's), an index into
+        a tuple, or a callable applied to the output. Default: the output as it is.
+    kernel
+        How products are computed: ``"auto"`` (default) times the candidates on the first batch
+        of the first product of each block width and keeps the fastest; or force one:
+        ``"batched"`` (reverse-over-reverse, the second backward pass ``vmap``-ed over the
+        columns), ``"looped"`` (the same, looped over one retained graph), ``"forward"``
+        (forward-over-reverse with ``torch.func``; skipped by ``"auto"`` where ``torch.func``
+        cannot trace the model). ``op.kernel_selections`` shows what was measured.
+    process_group
+        A ``torch.distributed`` process group over which the data is sharded: each rank passes
+        its own shard as ``data`` and every product is the curvature of the union of the shards
+        (one all-reduce per product; see :mod:`curvop.distributed`). ``None`` (default): a single
+        process, no distributed call at all.
 
     Examples
     --------
@@ -56,11 +118,35 @@ class HessianOperator(CurvatureOperator):
     >>> top = eigsh(H, k=1, which="LA", return_eigenvectors=False)
     """
 
-    kernel = staticmethod(hessian_columns)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: str = AUTO,
+        process_group: Any = None,
+    ):
+        super().__init__(
+            model, loss_fn, data, params, reduction=reduction, output=output,
+            kernel=KernelChoice(KERNELS, kernel), process_group=process_group,
+        )  # fmt: skip
 
     @classmethod
     def from_function(
-        cls, func: Callable[[], torch.Tensor], params: torch.Tensor | Sequence[torch.Tensor]
+        cls,
+        func: Callable[[], torch.Tensor],
+        params: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        kernel: str = AUTO,
     ) -> HessianOperator:
-        """The Hessian of a closure ``func() -> scalar loss`` with respect to ``params``."""
-        return cls._from_parts(ClosureObjective(func, params), hessian_columns)
+        """The Hessian of a closure ``func() -> scalar loss`` with respect to ``params``.
+
+        ``kernel`` is ``"auto"``, ``"batched"`` or ``"looped"`` (a closure reads its parameters
+        itself, so ``torch.func`` cannot substitute them: no ``"forward"``).
+        """
+        reverse = {name: KERNELS[name] for name in ("batched", "looped")}
+        return cls._from_parts(ClosureObjective(func, params), KernelChoice(reverse, kernel))
