@@ -43,6 +43,7 @@ BOUND_STEPS = 20  # Lanczos steps that find KPM's spectrum bounds
 MARGIN = 0.05  # KPM: the grid extends the bounds by this fraction of their width each side,
 # and the Chebyshev interval by twice as much (the grid then stays inside |x| <= 0.92)
 LOG_FLOOR = 1e-8  # log plots show densities down to this fraction of the peak
+LOG_HEADROOM = 3.0  # log plots end this factor above the peak (half a decade)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,10 @@ class SpectralDensity:
         ax
             Matplotlib axes to draw on (default: a new figure).
         log
-            Logarithmic density axis, down to ``1e-8`` of the peak: shows the bulk next to the
-            typical huge spike at zero.
+            Logarithmic density axis from ``1e-8`` of the peak to a factor 3 above it: shows the
+            bulk next to the typical huge spike at zero. The peak is the highest of this density
+            and of what ``ax`` already shows (other densities, a histogram), so overlays are not
+            clipped.
         **kwargs
             Passed to ``ax.plot``.
         """
@@ -89,12 +92,15 @@ class SpectralDensity:
             import matplotlib.pyplot as plt
 
             _, ax = plt.subplots()
+        shown = float(ax.dataLim.y1) if ax.has_data() else -math.inf  # before our curve
+        shown = shown if math.isfinite(shown) else -math.inf
         ax.plot(self.grid, self.density, **kwargs)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         if log:
+            peak = max(float(self.density.max()), shown)
             ax.set_yscale("log")
-            ax.set_ylim(bottom=LOG_FLOOR * float(self.density.max()))
+            ax.set_ylim(LOG_FLOOR * peak, LOG_HEADROOM * peak)
         return ax
 
 
