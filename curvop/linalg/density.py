@@ -46,7 +46,7 @@ LOG_FLOOR = 1e-8  # log plots show densities down to this fraction of the peak
 LOG_HEADROOM = 3.0  # log plots end this factor above the peak (half a decade)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SpectralDensity:
     """An estimated spectral density on a grid.
 
@@ -72,6 +72,19 @@ class SpectralDensity:
     nodes: np.ndarray | None = None
     weights: np.ndarray | None = None
     sigma: float | None = None
+
+    def __repr__(self) -> str:
+        """One line: the method, the grid and its support, and for SLQ probes, steps and sigma."""
+        grid = np.asarray(self.grid)
+        parts = [f"method={self.method!r}", f"{grid.size} grid points"]
+        if grid.size:
+            parts[-1] += f" on [{float(grid[0]):.4g}, {float(grid[-1]):.4g}]"
+        if self.nodes is not None:
+            num_probes, num_steps = np.shape(self.nodes)
+            parts.append(f"{num_probes} probes x {num_steps} steps")
+        if self.sigma is not None:
+            parts.append(f"sigma={self.sigma:.3g}")
+        return f"<SpectralDensity {', '.join(parts)}>"
 
     def plot(self, ax: Any = None, *, log: bool = False, **kwargs: Any) -> Any:
         """Draw the density with matplotlib (imported here) and return the axes.
