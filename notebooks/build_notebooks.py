@@ -112,10 +112,14 @@ TOP_EIGENVALUES = [
         """
         ## With `curvop.top_eigenvalues`
 
-        The same ARPACK underneath, plus what `eigsh` leaves to you: a seeded start (the same
-        numbers on every run), descending order, iterations in float64 even for a float32 model,
-        and no failure on singular operators such as the GGN, whose spectrum has a large cluster of
-        zeros. It agrees with `eigsh`:
+        Not ARPACK: a thick-restart *block* Lanczos method, which multiplies $k + 1$ columns at
+        a time (one pass over the data for all of them) and keeps its basis in float64, even for
+        a float32 model. A block of $k + 1$ columns sees up to $k + 1$ copies of a multiple
+        eigenvalue, so a degenerate cluster, such as the large cluster of zeros at the bottom of
+        the GGN, comes back with its multiplicity, where a single-vector method like ARPACK sees
+        one copy and needs restarts to find (or misses) the others. It also takes a seed (the same numbers on every run) and
+        returns the wanted end first (descending for `which="LA"`). On this well-separated top
+        of the spectrum it agrees with `eigsh`:
         """
     ),
     code(
@@ -151,7 +155,7 @@ TOP_EIGENVALUES = [
     ),
     md(
         """
-        **What you see.** The top eigenvalues of $H$ and $G$ agree to within a few percent,
+        **What you see.** The top eigenvalues of $G$ lie 1 to 9 percent below those of $H$,
         before and after training. The GGN drops one term of the Hessian,
         $H = G + \\sum_i \\frac{\\partial \\ell}{\\partial f_i} \\nabla^2_\\theta f_i$
         (the curvature of the network's outputs $f_i$, weighted by the derivative of the loss),
@@ -165,9 +169,9 @@ TOP_EIGENVALUES = [
         ## Against the dense matrix
 
         The tiny variant (a 64-8-10 MLP on 400 samples, 610 parameters) is small enough to build
-        the whole matrix with `to_dense()` (one block product with the identity) and diagonalize
-        it with numpy. Both `eigsh` and `curvop.top_eigenvalues` match the exact top eigenvalues to
-        eight digits. `which="SA"` finds the bottom of the spectrum: the Hessian of the trained
+        the whole matrix with `to_dense()` (block products with the identity, 256 columns at a
+        time) and diagonalize it with numpy. Both `eigsh` and `curvop.top_eigenvalues` match the
+        exact top eigenvalues to eight digits. `which="SA"` finds the bottom of the spectrum: the Hessian of the trained
         network has small negative eigenvalues (it is indefinite), while the GGN is positive
         semi-definite by construction.
         """
@@ -214,8 +218,8 @@ TOP_EIGENVALUES = [
         large cluster at zero. Some zeros are exact: the weights of pixels that are blank in every
         image do not affect the loss, and neither does adding the same amount to all ten logits
         (the softmax is invariant to it). Both matrices are dominated by a handful of directions,
-        which is why a few top eigenvalues, from a few dozen products, already say much about the
-        curvature.
+        which is why a few top eigenvalues, from well under a hundred products, already say much
+        about the curvature.
         """
     ),
 ]
@@ -328,11 +332,14 @@ DAMPED_SOLVES = [
     ),
     md(
         """
-        **What you see.** Each tenfold decrease of $\\lambda$ costs about twice as many
-        iterations: CG's iteration count grows with the square root of the condition number.
-        Moderate damping lowers the loss by about a quarter in a single step; the smallest
-        damping gives a step so long that the loss goes *up*: the quadratic model is wrong that
-        far away. The damping acts as a trust region.
+        **What you see.** Each tenfold decrease of $\\lambda$ costs about two to two and a half
+        times as many iterations. That is fewer than CG's bound, which grows with the square root of
+        the condition number ($\\sqrt{10} \\approx 3.2$ times per decade): most eigenvalues of
+        $G + \\lambda I$ sit in one cluster near $\\lambda$, which CG resolves in a few
+        iterations. $\\lambda = 1$ barely moves the loss, $\\lambda = 0.1$ and $0.01$ lower it by
+        a quarter or more in a single step, and the smallest damping gives a step so long that
+        the loss goes *up*: the quadratic model is wrong that far away. The damping acts as a
+        trust region.
 
         ## Check against the dense solution
 
@@ -414,7 +421,7 @@ DAMPED_SOLVES = [
         without ever decreasing (on an indefinite system it minimizes nothing), and its step ruins
         the loss; MINRES's residual decreases
         steadily but slowly, and even its step increases the loss, because it heads for a saddle
-        point of the quadratic model. With the same damping the GGN step converges in a few
+        point of the quadratic model. With the same damping the GGN step converges in 14
         iterations and lowers the loss. With $\\lambda = 2|\\lambda_{\\min}|$ all three converge
         quickly. In practice: use the GGN, or damp the Hessian by more than
         $|\\lambda_{\\min}|$ (`curvop.top_eigenvalues(H, 1, which="SA")` tells you how much).
@@ -438,8 +445,9 @@ SPECTRAL_DENSITY = [
           $\\frac1n \\operatorname{tr} T_k(A)$, estimated with random probes and damped with the
           Jackson kernel.
 
-        Both cost about `num_probes x num_steps` products, with all probes multiplied together
-        in one pass over the data per step. We compare them with the exact eigenvalues of the
+        SLQ costs `num_probes x num_steps` products and KPM about `num_probes x num_steps / 2`
+        (its `num_steps` counts Chebyshev moments, and each product gives two); all probes are
+        multiplied together in one pass over the data per step. We compare them with the exact eigenvalues of the
         tiny model, then compare the trace estimators Hutchinson, Hutch++ and XTrace with the
         exact trace.
         """
@@ -448,6 +456,7 @@ SPECTRAL_DENSITY = [
         """
         import matplotlib.pyplot as plt
         import numpy as np
+        from scipy.integrate import trapezoid
 
         import curvop
         from curvop.problems import load_problem
@@ -491,7 +500,7 @@ SPECTRAL_DENSITY = [
             ax.hist(values, bins=100, density=True, color="lightgray", label="exact eigenvalues")
             for method in settings:
                 densities[name, method].plot(ax=ax, log=True, label=method.upper())
-            ax.set_ylim(1e-5, 1e2)
+            ax.set_ylim(bottom=1e-5)  # cut the tails (the default floor is 1e-8 of the peak)
             ax.set_title(f"{name} of the tiny MLP")
             ax.legend()
         plt.show()
@@ -513,12 +522,12 @@ SPECTRAL_DENSITY = [
         """
         for (name, method), density in densities.items():
             values, grid = exact[name], density.grid
-            moments = [np.trapezoid(grid**p * density.density, grid) for p in (1, 2)]
+            moments = [trapezoid(grid**p * density.density, grid) for p in (1, 2)]
             print(
                 f"{name:>7} {method}: mean {moments[0]:.5f} (exact {values.mean():.5f}), "
                 f"second moment {moments[1]:.5f} (exact {np.mean(values**2):.5f})"
             )
-            assert abs(np.trapezoid(density.density, grid) - 1) < 1e-6
+            assert abs(trapezoid(density.density, grid) - 1) < 1e-6
             assert grid[0] <= values[0] + 1e-3 and grid[-1] >= values[-1] - 1e-3
             np.testing.assert_allclose(moments, [values.mean(), np.mean(values**2)], rtol=0.15)
         """
@@ -547,13 +556,15 @@ SPECTRAL_DENSITY = [
             for label, estimate in estimators.items()
             for m in budgets
         }
+        z_scores = []  # |estimate - exact| / standard error
         for name, matrix in dense.items():
             print(f"{name}: exact trace {np.trace(matrix):.4f}")
             for label in estimators:
                 row = [estimates[name, label, m] for m in budgets]
                 print(f"  {label:>10}: " + "  ".join(f"{e.value:7.3f} ± {e.std_error:5.3f}" for e in row))
-                for e in row:
-                    assert abs(e.value - np.trace(matrix)) <= 4 * e.std_error + 1e-9
+                z_scores += [abs(e.value - np.trace(matrix)) / e.std_error for e in row]
+        print(f"largest |estimate - exact| / std_error over all {len(z_scores)}: {max(z_scores):.2f}")
+        assert max(z_scores) <= 4
         """
     ),
     code(
@@ -576,11 +587,13 @@ SPECTRAL_DENSITY = [
     ),
     md(
         """
-        **What you see.** Hutchinson's error bars shrink like $1/\\sqrt{m}$. Once the sketch
-        holds the few large eigenvalues (from about 24 products here), Hutch++ and XTrace are
-        several times more accurate at the same budget, and their error bars shrink faster. The
-        error bars are honest: the exact trace lies within about two standard errors of every
-        estimate.
+        **What you see.** Hutchinson's standard error falls like $1/\\sqrt{m}$ in expectation;
+        the reported ones, noisy themselves, fall by less than a factor 2 over an eightfold
+        budget here. Once the sketch holds the few large eigenvalues (from 48 products here,
+        24 for XTrace), Hutch++ and XTrace report error bars 3.5 to 17 times smaller than
+        Hutchinson's at the same budget, and theirs shrink faster: 2.5 to 3.6 times from 48 to
+        96 products, where Hutchinson's shrink 1.1 times. The error bars are honest: the exact
+        trace lies within two standard errors of every one of the 24 estimates.
         """
     ),
 ]

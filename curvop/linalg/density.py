@@ -43,9 +43,10 @@ BOUND_STEPS = 20  # Lanczos steps that find KPM's spectrum bounds
 MARGIN = 0.05  # KPM: the grid extends the bounds by this fraction of their width each side,
 # and the Chebyshev interval by twice as much (the grid then stays inside |x| <= 0.92)
 LOG_FLOOR = 1e-8  # log plots show densities down to this fraction of the peak
+LOG_HEADROOM = 3.0  # log plots end this factor above the peak (half a decade)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SpectralDensity:
     """An estimated spectral density on a grid.
 
@@ -72,6 +73,19 @@ class SpectralDensity:
     weights: np.ndarray | None = None
     sigma: float | None = None
 
+    def __repr__(self) -> str:
+        """One line: the method, the grid and its support, and for SLQ probes, steps and sigma."""
+        grid = np.asarray(self.grid)
+        parts = [f"method={self.method!r}", f"{grid.size} grid points"]
+        if grid.size:
+            parts[-1] += f" on [{float(grid[0]):.4g}, {float(grid[-1]):.4g}]"
+        if self.nodes is not None:
+            num_probes, num_steps = np.shape(self.nodes)
+            parts.append(f"{num_probes} probes x {num_steps} steps")
+        if self.sigma is not None:
+            parts.append(f"sigma={self.sigma:.3g}")
+        return f"<SpectralDensity {', '.join(parts)}>"
+
     def plot(self, ax: Any = None, *, log: bool = False, **kwargs: Any) -> Any:
         """Draw the density with matplotlib (imported here) and return the axes.
 
@@ -80,8 +94,10 @@ class SpectralDensity:
         ax
             Matplotlib axes to draw on (default: a new figure).
         log
-            Logarithmic density axis, down to ``1e-8`` of the peak: shows the bulk next to the
-            typical huge spike at zero.
+            Logarithmic density axis from ``1e-8`` of the peak to a factor 3 above it: shows the
+            bulk next to the typical huge spike at zero. The peak is the highest of this density
+            and of what ``ax`` already shows (other densities, a histogram), so overlays are not
+            clipped.
         **kwargs
             Passed to ``ax.plot``.
         """
@@ -89,12 +105,15 @@ class SpectralDensity:
             import matplotlib.pyplot as plt
 
             _, ax = plt.subplots()
+        shown = float(ax.dataLim.y1) if ax.has_data() else -math.inf  # before our curve
+        shown = shown if math.isfinite(shown) else -math.inf
         ax.plot(self.grid, self.density, **kwargs)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         if log:
+            peak = max(float(self.density.max()), shown)
             ax.set_yscale("log")
-            ax.set_ylim(bottom=LOG_FLOOR * float(self.density.max()))
+            ax.set_ylim(LOG_FLOOR * peak, LOG_HEADROOM * peak)
         return ax
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from numbers import Real
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,6 +46,24 @@ class SolveResult(NamedTuple):
     converged: bool
     num_iterations: int
     residual_norm: float
+
+    def __repr__(self) -> str:
+        """One line: ``x`` by its kind, shape and dtype (not its values), then the other fields."""
+        x = self.x
+        if isinstance(x, torch.Tensor):
+            dtype = str(x.dtype).removeprefix("torch.")
+            device = "" if x.device.type == "cpu" else f" {x.device}"
+            summary = f"<torch.Tensor {tuple(x.shape)} {dtype}{device}>"
+        elif isinstance(x, np.ndarray):
+            summary = f"<numpy.ndarray {x.shape} {x.dtype}>"
+        else:
+            summary = f"<{type(x).__name__}>"
+        residual = self.residual_norm
+        residual = f"{residual:.3g}" if isinstance(residual, Real) else repr(residual)
+        return (
+            f"SolveResult(x={summary}, converged={self.converged}, "
+            f"num_iterations={self.num_iterations}, residual_norm={residual})"
+        )
 
 
 def _like(b: np.ndarray | torch.Tensor, x: np.ndarray) -> np.ndarray | torch.Tensor:
