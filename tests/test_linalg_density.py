@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from linalg_cases import SPECTRA, dense_case, hutchinson_std
+from linalg_cases import SPECTRA, N, dense_case, hutchinson_std
 from scipy.integrate import trapezoid
 from scipy.sparse.linalg import aslinearoperator
 
@@ -100,3 +100,27 @@ def test_plot_draws_on_given_axes_with_a_log_option():
 def test_importing_curvop_does_not_import_matplotlib():
     code = "import sys, curvop; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method", ["slq", "kpm"])
+def test_a_small_memory_budget_runs_the_probes_in_chunks_with_the_same_result(method):
+    """memory_gb holds 3 probes' vectors (SLQ: 20 steps each): 10 probes run as 3 + 3 + 3 + 1,
+    with the same probes and the same density as all at once."""
+    op, _, _ = dense_case("indefinite")
+    vectors = 20 if method == "slq" else 4  # per probe
+    three = 3 * vectors * N * 8 / 2**30
+    chunked = spectral_density(op, method=method, num_steps=20, seed=0, memory_gb=three)
+    whole = spectral_density(op, method=method, num_steps=20, seed=0)
+    np.testing.assert_allclose(chunked.density, whole.density, rtol=1e-8, atol=1e-12)
+    if method == "slq":
+        np.testing.assert_allclose(chunked.nodes, whole.nodes, rtol=1e-10, atol=1e-12)
+
+
+def test_slq_keeps_its_basis_in_the_operators_dtype_when_float64_does_not_fit():
+    op, _, eigenvalues = dense_case("indefinite", dtype=np.float32)
+    one_probe_float32 = 20 * N * 4 / 2**30  # half of what float64 needs
+    density = spectral_density(op, num_steps=20, num_probes=4, seed=0, memory_gb=one_probe_float32)
+    mean = trapezoid(density.grid * density.density, density.grid)
+    assert mean == pytest.approx(eigenvalues.mean(), abs=0.2)  # the trace / n, from 4 probes
+    with pytest.raises(ValueError, match="one probe needs 20 vectors"):
+        spectral_density(op, num_steps=20, seed=0, memory_gb=one_probe_float32 / 2)

@@ -132,3 +132,83 @@ def test_same_seed_same_result():
     second = top_eigenvalues(op, 3, which="LM", return_eigenvectors=True, seed=5)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ block width and basis size
+def timed_hessian(seconds_per_column: dict[int, float]):
+    """A curvop Hessian whose measured cost per column is ``seconds_per_column[k]`` once a product
+    of width ``k`` ran (as the operator's own timings would say), logging every product's width."""
+    from linalg_cases import hessian
+
+    op = hessian()
+    widths, measured = [], set()
+    apply = op.apply
+
+    def logged(V):
+        widths.append(1 if V.dim() == 1 else V.shape[1])
+        measured.add(widths[-1])
+        return apply(V)
+
+    op.apply = logged
+    op.column_seconds = lambda k: seconds_per_column.get(k) if k in measured else None
+    return op, widths
+
+
+def dense_top(op, k):
+    return np.sort(np.linalg.eigvalsh(op.to_dense()))[::-1][:k]
+
+
+def test_blocks_are_kept_where_they_pay():
+    op, widths = timed_hessian({1: 1.0, 4: 0.5})  # a column in a block of 4: half the cost
+    truth = dense_top(op, 3)
+    widths.clear()
+    values = top_eigenvalues(op, 3, seed=0)
+    np.testing.assert_allclose(values, truth, rtol=1e-10)
+    assert widths[:2] == [1, 4]  # measured: the first column alone, then the block
+    assert set(widths[2:]) <= {4, 3, 2, 1} and widths[2] == 4  # then blocks
+
+
+def test_a_single_vector_runs_where_blocks_do_not_pay():
+    op, widths = timed_hessian({1: 1.0, 4: 0.95})  # a transformer: blocks save nothing
+    truth = dense_top(op, 3)
+    widths.clear()
+    values = top_eigenvalues(op, 3, seed=0)
+    np.testing.assert_allclose(values, truth, rtol=1e-10)
+    assert widths[:2] == [1, 4] and set(widths[2:]) == {1}
+    widths.clear()
+    top_eigenvalues(op, 3, seed=1)  # already measured: no second measurement, no block
+    assert set(widths) == {1}
+
+
+def test_smallest_eigenvalues_keep_blocks_whatever_they_cost():
+    op, widths = timed_hessian({1: 1.0, 4: 0.95})
+    top_eigenvalues(op, 3, which="SA", seed=0)
+    assert widths[0] == 4
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_block_size_can_be_forced(block_size):
+    op, A, eigenvalues = dense_case("indefinite")
+    counted, columns = counting_operator(A)
+    values = top_eigenvalues(counted, 3, seed=0, block_size=block_size)
+    np.testing.assert_allclose(values, expected(eigenvalues, 3, "LA"), atol=1e-10 * 3)
+    assert max(columns) == block_size
+
+
+def test_the_basis_is_sized_from_k_when_memory_is_short():
+    """memory_gb too small for 120 vectors: the basis falls to what a restart needs."""
+    op, A, eigenvalues = dense_case("indefinite")
+    values = top_eigenvalues(op, 2, seed=0, memory_gb=1e-6, block_size=1)
+    np.testing.assert_allclose(values, expected(eigenvalues, 2, "LA"), atol=1e-10 * 3)
+    from curvop.linalg.eigen import _basis_size
+
+    assert _basis_size(11_000_000, 5, 6, None, 1.0) == 24  # four blocks of k + 1
+    assert _basis_size(11_000_000, 5, 1, None, 1.0) == 20  # ARPACK's floor
+    assert _basis_size(85_000, 5, 6, None, 1.0) == 120
+    assert _basis_size(100, 5, 6, None, 1.0) == 100
+
+
+def test_k_equal_to_n_returns_the_whole_spectrum():
+    A = np.diag([4.0, 1.0, 3.0, 2.0])
+    values = top_eigenvalues(aslinearoperator(A), 4, seed=0)
+    np.testing.assert_allclose(values, [4.0, 3.0, 2.0, 1.0], atol=1e-12)

@@ -70,7 +70,7 @@ CASES = [
     # top_eigenvalues
     (lambda: top_eigenvalues(OP, 0), ValueError, "k must be a positive integer"),
     (lambda: top_eigenvalues(OP, 2.0), ValueError, "k must be a positive integer"),
-    (lambda: top_eigenvalues(OP, N), ValueError, f"k must be smaller than n={N}"),
+    (lambda: top_eigenvalues(OP, N + 1), ValueError, f"k must be at most n={N}, got {N + 1}"),
     (lambda: top_eigenvalues(OP, which="BE"), ValueError, "which must be one of"),
     (lambda: top_eigenvalues(OP, tol=-1e-3), ValueError, "tol must be >= 0"),
     (lambda: top_eigenvalues(OP, tol=float("nan")), ValueError, "tol must be a finite"),

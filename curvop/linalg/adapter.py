@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
+from ..distributed import broadcast_seed, mean_over_ranks
 from ..operators.base import CurvatureOperator
 from ..symmetry import symmetry_gap, symmetry_tolerance
-from .probes import draw_probes
+from .probes import draw_probes, make_generator
 
 __all__ = ["BlockOperator", "as_block_operator", "as_scipy_float64", "raise_not_symmetric"]
 
@@ -47,6 +48,33 @@ class BlockOperator:
     device: torch.device
     product: Callable[[torch.Tensor], torch.Tensor]
     symmetry_tolerance: float
+    column_seconds: Callable[[int], float | None] | None = None
+    process_group: Any = None
+
+    @property
+    def measures_cost(self) -> bool:
+        """Whether the operator times its products (curvop operators do; SciPy's do not)."""
+        return self.column_seconds is not None
+
+    def block_efficiency(self, k: int) -> float | None:
+        """Measured cost of a column in a ``k``-column block relative to a column alone (``None``
+        until both widths were multiplied); the mean over the ranks of a process group, so that
+        every rank takes the same decision from it."""
+        block, single = self.column_seconds(k), self.column_seconds(1)
+        if block is None or single is None:
+            return None
+        efficiency = block / single
+        if self.process_group is not None:
+            efficiency = mean_over_ranks([efficiency], self.process_group, self.device)[0]
+        return efficiency
+
+    def generator(self, seed: int | None, device: torch.device | str | None = None):
+        """A private generator on ``device`` (default: the operator's) seeded with ``seed``; with
+        ``seed=None``, a fresh seed, the same on every rank of a process group (drawn on the
+        first rank and broadcast)."""
+        if seed is None and self.process_group is not None:
+            seed = broadcast_seed(self.process_group, self.device)
+        return make_generator(seed, self.device if device is None else device)
 
     @property
     def eps(self) -> float:
@@ -101,7 +129,10 @@ def as_block_operator(op: Any) -> BlockOperator:
     if isinstance(op, CurvatureOperator):
         layout = op.layout
         tolerance = symmetry_tolerance(layout.dtype, op.accuracy)
-        return BlockOperator(layout.size, layout.dtype, layout.device, op.apply, tolerance)
+        return BlockOperator(
+            layout.size, layout.dtype, layout.device, op.apply, tolerance, op.column_seconds,
+            op.process_group,
+        )  # fmt: skip
     if not isinstance(op, LinearOperator):
         try:
             op = aslinearoperator(op)

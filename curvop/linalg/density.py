@@ -18,7 +18,9 @@ smoothed version of it from a few random probes.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,6 @@ from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator
 from .checks import check_choice
 from .lanczos import LanczosRun, lanczos_block
-from .probes import make_generator
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -42,6 +43,7 @@ GRID_SIGMAS = 5.0  # the SLQ grid extends this many sigmas past the extreme node
 BOUND_STEPS = 20  # Lanczos steps that find KPM's spectrum bounds
 MARGIN = 0.05  # KPM: the grid extends the bounds by this fraction of their width each side,
 # and the Chebyshev interval by twice as much (the grid then stays inside |x| <= 0.92)
+KPM_VECTORS = 4  # n-vectors per probe in the Chebyshev recurrence (three terms and a product)
 LOG_FLOOR = 1e-8  # log plots show densities down to this fraction of the peak
 LOG_HEADROOM = 3.0  # log plots end this factor above the peak (half a decade)
 
@@ -133,14 +135,56 @@ def _quadrature(run: LanczosRun, num_steps: int) -> tuple[np.ndarray, np.ndarray
     return nodes, weights
 
 
+def basis_plan(
+    block: BlockOperator, vectors_per_probe: int, num_probes: int, memory_gb: float
+) -> tuple[torch.dtype, int]:
+    """The dtype of the vectors each probe keeps, and how many probes to run side by side.
+
+    As many probes as ``memory_gb`` holds of ``vectors_per_probe`` float64 vectors each, all of
+    them if they fit (products of a block never cost more per column than alone: the operators
+    time a loop over columns among their kernels). If not even one probe fits in float64, the
+    operator's own dtype (if narrower) holds one probe at a time.
+
+    Raises
+    ------
+    ValueError
+        If one probe does not fit in the budget in any dtype.
+    """
+    budget = memory_gb * 2**30
+    for dtype in dict.fromkeys((torch.float64, block.dtype)):
+        size = vectors_per_probe * block.n * torch.finfo(dtype).bits // 8
+        if size <= budget:
+            return dtype, min(num_probes, int(budget // size))
+    raise ValueError(
+        f"one probe needs {vectors_per_probe} vectors of n={block.n:,} ({size / 2**30:.2f} GiB in "
+        f"{str(block.dtype).replace('torch.', '')}) > memory_gb={memory_gb}: pass a larger "
+        "memory_gb, or fewer steps"
+    )
+
+
+def _probe_chunks(
+    block: BlockOperator, generator: torch.Generator, num_probes: int, chunk: int
+) -> Iterator[torch.Tensor]:
+    """The probes, ``chunk`` at a time, drawn in order (the same probes whatever ``chunk``)."""
+    for first in range(0, num_probes, chunk):
+        yield block.probes(min(chunk, num_probes - first), generator)
+
+
 def _slq(
     block: BlockOperator,
-    probes: torch.Tensor,
+    generator: torch.Generator,
+    num_probes: int,
     num_steps: int,
     num_points: int,
     sigma: float | None,
+    memory_gb: float,
 ) -> SpectralDensity:
-    nodes, weights = _quadrature(lanczos_block(block, probes, num_steps), num_steps)
+    dtype, chunk = basis_plan(block, min(num_steps, block.n), num_probes, memory_gb)
+    runs = [
+        _quadrature(lanczos_block(block, probes, num_steps, dtype), num_steps)
+        for probes in _probe_chunks(block, generator, num_probes, chunk)
+    ]
+    nodes, weights = (np.concatenate(parts) for parts in zip(*runs, strict=True))
     low, high = float(nodes.min()), float(nodes.max())
     width = high - low or max(abs(low), abs(high), 1.0)
     sigma = SIGMA_FRACTION * width if sigma is None else sigma
@@ -204,12 +248,26 @@ def _chebyshev_moments(
 
 
 def _kpm(
-    block: BlockOperator, probes: torch.Tensor, num_moments: int, num_points: int
+    block: BlockOperator,
+    generator: torch.Generator,
+    num_probes: int,
+    num_moments: int,
+    num_points: int,
+    memory_gb: float,
 ) -> SpectralDensity:
-    low, high = _spectrum_bounds(block, probes[:, :1])
+    chunk = max(1, int(memory_gb * 2**30 // (KPM_VECTORS * block.n * 8)))
+    chunks = _probe_chunks(block, generator, num_probes, chunk)
+    first = next(chunks)
+    low, high = _spectrum_bounds(block, first[:, :1])
     margin = MARGIN * ((high - low) or max(abs(low), abs(high), 1.0))
     center, half_width = (low + high) / 2, (high - low) / 2 + 2 * margin
-    moments = _chebyshev_moments(block, probes, center, half_width, num_moments)
+    moments = (
+        sum(  # the mean over all probes, from the means over each chunk
+            _chebyshev_moments(block, probes, center, half_width, num_moments) * probes.shape[1]
+            for probes in itertools.chain([first], chunks)
+        )
+        / num_probes
+    )
     coefficients = _jackson_damping(num_moments) * moments
     coefficients[1:] *= 2
     grid = np.linspace(low - margin, high + margin, num_points)
@@ -227,6 +285,7 @@ def spectral_density(
     num_points: int = 1000,
     sigma: float | None = None,
     seed: int | None = None,
+    memory_gb: float = 1.0,
 ) -> SpectralDensity:
     r"""Estimate the spectral density of a symmetric operator.
 
@@ -237,7 +296,8 @@ def spectral_density(
     method
         ``"slq"`` (stochastic Lanczos quadrature) or ``"kpm"`` (kernel polynomial method).
     num_probes
-        Number of Rademacher probes; all are multiplied as one block at every step.
+        Number of Rademacher probes; as many as ``memory_gb`` allows run side by side, their
+        products as one block per step (all of them on models up to a few million parameters).
     num_steps
         SLQ: Lanczos steps per probe (at most ``n`` are taken). KPM: number of Chebyshev moments
         (about ``num_steps / 2`` block products, plus 20 single products for the bounds).
@@ -248,7 +308,12 @@ def spectral_density(
         nodes. (KPM's resolution is set by its Jackson kernel, about
         :math:`\pi (b - a) / (2 N)` on an interval :math:`[a, b]` with :math:`N` moments.)
     seed
-        Seed of the private generator.
+        Seed of the private generator. The probes are the same whatever ``memory_gb``.
+    memory_gb
+        Budget for the vectors the probes keep (default 1 GiB): SLQ keeps ``num_steps`` vectors
+        per probe (full reorthogonalization), in float64 while one probe fits, else in the
+        operator's dtype; KPM four. Probes beyond what fits run in later chunks (more passes
+        over the data, the same result). A ``ValueError`` says when one probe cannot fit.
 
     Returns
     -------
@@ -260,8 +325,7 @@ def spectral_density(
     -----
     The moments of an SLQ density are those of the quadrature plus the broadening:
     :math:`\int t\,\phi = \frac{1}{p}\sum w\theta \approx \operatorname{tr}(A)/n` and
-    :math:`\int t^2\phi \approx \|A\|_F^2/n + \sigma^2`. SLQ keeps ``num_probes * num_steps``
-    float64 vectors of length ``n`` (full reorthogonalization).
+    :math:`\int t^2\phi \approx \|A\|_F^2/n + \sigma^2`.
 
     Examples
     --------
@@ -281,7 +345,8 @@ def spectral_density(
         if method != "slq":
             raise ValueError("sigma applies to method='slq' only (KPM uses a Jackson kernel)")
         sigma = check_real(sigma, "sigma", positive=True)
-    probes = block.probes(num_probes, make_generator(seed, block.device))
+    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
+    generator = block.generator(seed)
     if method == "slq":
-        return _slq(block, probes, num_steps, num_points, sigma)
-    return _kpm(block, probes, num_steps, num_points)
+        return _slq(block, generator, num_probes, num_steps, num_points, sigma, memory_gb)
+    return _kpm(block, generator, num_probes, num_steps, num_points, memory_gb)

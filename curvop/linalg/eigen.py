@@ -44,13 +44,14 @@ from scipy.linalg import eigh
 from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import check_choice, check_optional_positive_int
-from .probes import make_generator
 
 __all__ = ["top_eigenvalues"]
 
 WHICH = ("LA", "LM", "SA")
 GUARD = 1  # block columns beyond k
-BASIS = 120  # default basis size (ncv), raised to four blocks
+BASIS = 120  # default basis size (ncv) at most, when the memory budget allows
+SINGLE_BASIS = 20  # the least basis of single-vector Lanczos (ARPACK's default ncv)
+BLOCK_PAYS = 0.6  # blocks are used when a column in a block costs at most this of one alone
 
 
 def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
@@ -110,23 +111,23 @@ def _block_lanczos(
     k: int,
     which: str,
     tol: float,
-    width: int,
     basis: int,
     max_products: int,
     generator: torch.Generator,
+    Q: torch.Tensor,
+    W: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """The ``k`` wanted Ritz pairs, wanted end first, from blocks of ``width`` columns and a basis
-    of at most ``basis >= min(n, 2 (k + width))`` columns (see the module notes)."""
-    n, device = block.n, block.device
+    """The ``k`` wanted Ritz pairs, wanted end first, from the orthonormal start block ``Q``
+    (``width`` columns; ``W = A Q`` if already known) and a basis of at most
+    ``basis >= min(n, 2 (k + width))`` columns (see the module notes)."""
+    n, device, width = block.n, block.device, Q.shape[1]
     keep = max(k, (basis - width) // 2)
-    start = torch.randn(n, width, generator=generator, dtype=torch.float64)
-    Q = torch.linalg.qr(start)[0].to(device)
     V = torch.empty(n, basis, dtype=torch.float64, device=device)
     T = np.zeros((0, 0))
     expected = np.zeros((0, width))  # V^T A Q on the older columns, if A is symmetric
     m, norm = 0, 0.0
     for _ in range(max_products):
-        W = block.matmat(Q)
+        W = block.matmat(Q) if W is None else W
         norm = max(norm, float(torch.linalg.vector_norm(W, dim=0).max()))
         j = Q.shape[1]
         V[:, m : m + j] = Q
@@ -153,10 +154,48 @@ def _block_lanczos(
             V[:, :keep] = V[:, :m] @ torch.from_numpy(Y[:, kept]).to(device)
             expected = (R @ Y[m - j :, kept]).T
             T, m = np.diag(theta[kept]), keep
+        W = None
     raise RuntimeError(
         f"top_eigenvalues did not converge in {max_products} block products; pass a larger "
         "tol, maxiter or ncv"
     )
+
+
+def _basis_size(n: int, k: int, width: int, ncv: int | None, memory_gb: float) -> int:
+    """Basis columns: ``ncv`` if given, else as many as ``memory_gb`` of float64 vectors allows,
+    at most ``BASIS``; never fewer than a restart needs (four blocks, or ``2k + 2`` and 20
+    vectors for a single vector, as ARPACK), and never more than ``n``."""
+    floor = 4 * width if width > 1 else max(2 * k + 2, SINGLE_BASIS)
+    if ncv is None:
+        affordable = int(memory_gb * 2**30 / (8 * n))
+        ncv = min(BASIS, affordable)
+    return min(n, max(ncv, floor))
+
+
+def _choose_width(
+    block: BlockOperator, which: str, start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The start block to use (its full width, or its first column) and its image if it had to
+    be computed to decide.
+
+    Blocks pay when a column in a block of ``p`` costs at most ``BLOCK_PAYS`` of a column alone:
+    block Lanczos spends about ``1 / BLOCK_PAYS`` as many column products as a single vector on
+    well separated eigenvalues. The costs come from the operator's own timings; if the widths
+    were never multiplied, the first column and then the whole block are (one column's work is
+    wasted if blocks pay, the block's if not: once per operator). ``"SA"`` keeps blocks: its end
+    is where a Hessian's or GGN's degenerate cluster lies, which one vector sees only once.
+    """
+    p = start.shape[1]
+    if which == "SA" or p == 1 or not block.measures_cost:
+        return start, None
+    efficiency = block.block_efficiency(p)
+    single = image = None
+    if efficiency is None:
+        single, image = block.matmat(start[:, :1]), block.matmat(start)
+        efficiency = block.block_efficiency(p)
+    if efficiency is not None and efficiency > BLOCK_PAYS:
+        return start[:, :1], single
+    return start, image
 
 
 def top_eigenvalues(
@@ -169,8 +208,10 @@ def top_eigenvalues(
     seed: int | None = None,
     maxiter: int | None = None,
     ncv: int | None = None,
+    block_size: int | None = None,
+    memory_gb: float = 1.0,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    r"""The ``k`` extreme eigenvalues of a symmetric operator, by block Lanczos in float64.
+    r"""The ``k`` extreme eigenvalues of a symmetric operator, by thick-restart Lanczos in float64.
 
     Parameters
     ----------
@@ -178,7 +219,7 @@ def top_eigenvalues(
         A symmetric SciPy ``LinearOperator`` (a curvop operator, ``aslinearoperator(matrix)``, a
         composition). Its products run in its own precision; the Lanczos basis is float64.
     k
-        Number of eigenvalues, ``1 <= k < n``.
+        Number of eigenvalues, ``1 <= k <= n`` (``k = n`` gives the whole spectrum).
     which
         ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
     tol
@@ -197,11 +238,21 @@ def top_eigenvalues(
     maxiter
         Most block products (default ``10 n``).
     ncv
-        Size of the Lanczos basis, ``k < ncv <= n`` (default ``min(n, 120)``), raised to
-        ``min(n, 4 (k + 1))`` so that a restart keeps the ``k`` wanted Ritz vectors with half a
-        block to spare (without it, ``"LM"`` can settle on the wrong end). ``ncv`` float64 vectors
-        of length ``n`` are held. A larger basis restarts less often, which pays off on small
-        relative gaps at the wanted end.
+        Size of the Lanczos basis, ``k < ncv <= n``. Default: as many float64 vectors as
+        ``memory_gb`` holds, at most 120, so that it is sized from ``k`` on large models. It is
+        raised to what a restart needs: four blocks (``4 (k + 1)``) for the block method, so
+        that a restart keeps the ``k`` wanted Ritz vectors with half a block to spare (without
+        it, ``"LM"`` can settle on the wrong end), or ``max(2k + 2, 20)`` for a single vector.
+        A larger basis restarts less often, which pays off on small relative gaps.
+    block_size
+        Columns per product: ``k + 1`` (the block method, which finds multiple eigenvalues with
+        their multiplicity from one run) or ``1`` (single-vector thick-restart Lanczos, as
+        ARPACK: fewer column products on separated eigenvalues, but a degenerate eigenvalue may
+        come back with fewer copies). Default (``None``): blocks for ``"SA"`` and for operators
+        whose cost is not measured (SciPy operators); otherwise measured: blocks where a column
+        in a block of ``k + 1`` costs at most ``0.6`` of a column alone (see :func:`_choose_width`).
+    memory_gb
+        Budget for the float64 basis when ``ncv`` is not given (default 1 GiB).
 
     Returns
     -------
@@ -215,11 +266,13 @@ def top_eigenvalues(
     ------
     RuntimeError
         If the wanted pairs do not converge in ``maxiter`` block products.
+    ValueError
+        If the operator turns out not to be symmetric (see :func:`_check_coupling`).
 
     Notes
     -----
-    Each step multiplies one block of ``k + 1`` columns (one pass over the data for a curvop
-    operator). Well-separated extreme eigenvalues take a few dozen products; a degenerate
+    Each step multiplies one block (one pass over the data for a curvop operator).
+    Well-separated extreme eigenvalues take a few dozen products; with blocks, a degenerate
     cluster at the wanted end costs no more than a simple eigenvalue (see the module notes).
 
     Examples
@@ -231,26 +284,31 @@ def top_eigenvalues(
     """
     block = as_block_operator(op)
     k = check_positive_int(k, "k")
-    if k >= block.n:
-        raise ValueError(f"k must be smaller than n={block.n}, got {k}")
+    if k > block.n:
+        raise ValueError(f"k must be at most n={block.n}, got {k}")
     which = check_choice(which, "which", WHICH)
     tol = check_real(tol, "tol")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     maxiter = check_optional_positive_int(maxiter, "maxiter")
     ncv = check_optional_positive_int(ncv, "ncv")
-    if ncv is not None and not k < ncv <= block.n:
+    if ncv is not None and not k < ncv <= block.n and k < block.n:
         raise ValueError(f"ncv must satisfy k < ncv <= n, i.e. {k} < ncv <= {block.n}, got {ncv}")
-    width = min(k + GUARD, block.n)
-    basis = min(block.n, max(ncv or BASIS, 4 * width))
+    block_size = check_optional_positive_int(block_size, "block_size")
+    if block_size is not None and block_size not in (1, min(k + GUARD, block.n)):
+        raise ValueError(f"block_size must be 1 or k + 1 = {k + GUARD} (or None), got {block_size}")
+    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
+    generator = block.generator(seed, device="cpu")
+    start = torch.linalg.qr(
+        torch.randn(block.n, min(k + GUARD, block.n), generator=generator, dtype=torch.float64)
+    )[0].to(block.device)
+    if block_size is None:
+        start, image = _choose_width(block, which, start)
+    else:
+        start, image = start[:, :block_size], None
+    basis = _basis_size(block.n, k, start.shape[1], ncv, memory_gb)
     values, vectors = _block_lanczos(
-        block,
-        k,
-        which,
-        tol or 100 * block.eps,
-        width,
-        basis,
-        maxiter or 10 * block.n,
-        make_generator(seed),
-    )
+        block, k, which, tol or 100 * block.eps, basis, maxiter or 10 * block.n, generator,
+        start, image,
+    )  # fmt: skip
     return (values, vectors.cpu().numpy()) if return_eigenvectors else values

@@ -24,7 +24,6 @@ import torch
 from ..validation import check_positive_int, check_seed
 from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import as_float64_vector
-from .probes import make_generator
 
 __all__ = ["LanczosRun", "lanczos", "lanczos_block"]
 
@@ -73,17 +72,25 @@ def _check_symmetric(
         raise_not_symmetric(worst, block.symmetry_tolerance)
 
 
-def lanczos_block(block: BlockOperator, start: torch.Tensor, num_steps: int) -> LanczosRun:
+def lanczos_block(
+    block: BlockOperator,
+    start: torch.Tensor,
+    num_steps: int,
+    basis_dtype: torch.dtype = torch.float64,
+) -> LanczosRun:
     r"""Run one Lanczos process per column of ``start`` (``(n, p)``), all products as one block.
 
     A process stops early when its residual norm :math:`\beta_j \le \sqrt{\varepsilon}\,
     \max_{i \le j}(|\alpha_i|, \beta_i)` (an invariant subspace; :math:`\varepsilon` of the
     operator's dtype); its later columns are no longer multiplied. At most ``n`` steps are taken.
+    The basis of ``p * num_steps`` vectors is kept in ``basis_dtype`` (float64, or the operator's
+    own dtype to halve the memory, with orthogonality to that precision); the recurrence itself
+    runs in float64.
     """
     n, p = start.shape
     m = min(num_steps, n)
     q = start / torch.linalg.vector_norm(start, dim=0)
-    basis = torch.zeros(p, m, n, dtype=torch.float64, device=start.device)
+    basis = torch.zeros(p, m, n, dtype=basis_dtype, device=start.device)
     alphas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     lengths = torch.full((p,), m, dtype=torch.long)
@@ -98,11 +105,11 @@ def lanczos_block(block: BlockOperator, start: torch.Tensor, num_steps: int) -> 
         alphas[:, step] = (q * w).sum(0)
         previous = basis[:, : step + 1]
         for sweep in range(2):  # classical Gram-Schmidt, twice, against the whole basis
-            coefficients = torch.einsum("pkn,np->pk", previous, w)
+            coefficients = torch.einsum("pkn,np->pk", previous, w.to(basis_dtype))
             if sweep == 0:
                 scale = torch.maximum(scale, alphas[:, step].abs())
-                _check_symmetric(coefficients, betas[:, :step], scale, active, block)
-            w = w - torch.einsum("pkn,pk->np", previous, coefficients)
+                _check_symmetric(coefficients.double(), betas[:, :step], scale, active, block)
+            w = w - torch.einsum("pkn,pk->np", previous, coefficients).double()
         beta = torch.linalg.vector_norm(w, dim=0)
         betas[:, step] = beta
         scale = torch.maximum(scale, beta)
@@ -151,7 +158,7 @@ def lanczos(
     num_steps = check_positive_int(num_steps, "num_steps")
     seed = check_seed(seed)
     if v0 is None:
-        start = block.probes(1, make_generator(seed, block.device))
+        start = block.probes(1, block.generator(seed))
     elif seed is not None:
         raise ValueError("give either v0 or seed, not both: seed only draws a random start")
     else:

@@ -44,10 +44,12 @@ def draw_probes(
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    # drawn one column after the other ((k, n), transposed), so that drawing k columns at once
+    # or in chunks gives the same probes (on the CPU), whatever the memory a caller can afford
     if distribution == "gaussian":
-        return torch.randn(n, k, generator=generator, dtype=dtype, device=device)
-    signs = torch.randint(0, 2, (n, k), generator=generator, device=device).to(dtype) * 2 - 1
+        return torch.randn(k, n, generator=generator, dtype=dtype, device=device).T
+    signs = torch.randint(0, 2, (k, n), generator=generator, device=device).to(dtype).T * 2 - 1
     if distribution == "rademacher":
         return signs
-    mask = torch.rand(n, k, generator=generator, device=device) < SPARSE_DENSITY
+    mask = torch.rand(k, n, generator=generator, device=device).T < SPARSE_DENSITY
     return signs * mask.to(dtype) / SPARSE_DENSITY**0.5

@@ -15,7 +15,6 @@ from scipy.sparse.linalg import aslinearoperator, cg, minres
 from ..validation import check_real
 from .adapter import as_block_operator, as_scipy_float64
 from .checks import as_float64_vector, check_choice, check_optional_positive_int
-from .probes import make_generator
 
 __all__ = ["ConvergenceWarning", "SolveResult", "solve_damped"]
 
@@ -156,7 +155,9 @@ def solve_damped(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
-    block.check_symmetric(make_generator(0))  # CG and MINRES assume it: fail now, not never
+    block.check_symmetric(
+        block.generator(0, device="cpu")
+    )  # CG and MINRES assume it: fail now, not never
     system = as_scipy_float64(block) + aslinearoperator(identity(block.n)) * damping
     iterations = 0
 
