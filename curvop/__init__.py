@@ -22,6 +22,7 @@ from .operators import (
     FiniteDifferenceHessianOperator,
     GaussNewtonOperator,
     HessianOperator,
+    IdentityOperator,
     KinkError,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "FiniteDifferenceHessianOperator",
     "GaussNewtonOperator",
     "HessianOperator",
+    "IdentityOperator",
     "KinkError",
     "ParamLayout",
     "SolveResult",

@@ -4,11 +4,13 @@ from .base import CurvatureOperator
 from .finite_difference import FiniteDifferenceHessianOperator, KinkError
 from .gauss_newton import GaussNewtonOperator
 from .hessian import HessianOperator
+from .identity import IdentityOperator
 
 __all__ = [
     "CurvatureOperator",
     "FiniteDifferenceHessianOperator",
     "GaussNewtonOperator",
     "HessianOperator",
+    "IdentityOperator",
     "KinkError",
 ]
