@@ -3,8 +3,9 @@
 ``curvop`` runs it on the built-in digits problem (:mod:`curvop.problems`), comparing the
 Hessian with the Gauss-Newton matrix; ``curvop analyze FILE.py:FUNCTION`` runs it on the user's
 ``FUNCTION() -> (model, loss_fn, data)`` for one operator. The report is the top-k eigenvalues,
-a trace estimate with its standard error, the SLQ spectral density (a PNG, log scale) and a JSON
-summary of all of it. Bad arguments give a one-line error and exit code 2.
+a trace estimate with its standard error, the SLQ spectral density (a plot, log scale) and a JSON
+summary of all of it, with the settings used; flags choose what to compute and how many products
+to spend. Bad arguments give a one-line error and exit code 2, before any work.
 """
 
 from __future__ import annotations
@@ -127,6 +128,43 @@ def _check_output_path(option: str, path: str) -> Path:
     if not parent.is_dir():
         raise UsageError(f"{option}: directory {str(parent)!r} does not exist; create it first")
     return Path(path)
+
+
+def _density_path(path: str) -> Path:
+    """The file that ``--density PATH`` will write, checked before any work.
+
+    Parameters
+    ----------
+    path
+        The argument. Without a suffix, ``.png`` is appended (matplotlib would write a PNG there
+        anyway, under a name without the suffix it reports); a suffix must name a format that
+        matplotlib writes (png, pdf, svg, ...). Without matplotlib the plot is skipped later, so
+        any suffix passes.
+
+    Returns
+    -------
+    pathlib.Path
+        The file to write.
+    """
+    checked = _check_output_path("--density", path)
+    if not checked.suffix:
+        return _check_output_path("--density", f"{checked}.png")
+    formats = _plot_formats()
+    if formats is not None and checked.suffix[1:].lower() not in formats:
+        raise UsageError(
+            f"--density: matplotlib cannot write {checked.suffix!r} files; give one of "
+            f"{', '.join('.' + f for f in sorted(formats))} (or no suffix for .png)"
+        )
+    return checked
+
+
+def _plot_formats() -> set[str] | None:
+    """The file suffixes that matplotlib writes, without the dot; ``None`` without matplotlib."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 # ---------------------------------------------------------------------------------- the problem
@@ -347,7 +385,10 @@ def plot_densities(analyses: Sequence[Analysis], path: Path) -> str:
         analysis.density.plot(ax=ax, log=True, label=analysis.name)
     ax.set_title(f"spectral density (SLQ, {DENSITY_PROBES} probes x {DENSITY_STEPS} steps)")
     ax.legend()
-    figure.savefig(path, dpi=120)
+    try:
+        figure.savefig(path, dpi=120)
+    except Exception as error:  # after all the work, still one line, not matplotlib's traceback
+        raise UsageError(f"--density: writing {path} failed: {_one_line(error)}") from None
     return f"wrote {path}"
 
 
@@ -383,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    density_path = _check_output_path("--density", args.density)
+    plot_path = _density_path(args.density)
     json_path = _check_output_path("--json", args.json)
     operators, problem = _operators_and_problem(args)
     n = problem["num_params"]
@@ -392,8 +433,8 @@ def _run(args: argparse.Namespace) -> int:
     print(problem["description"] + "\n")
     analyses = [analyze(label, op, k=args.k, seed=args.seed) for label, op in operators.items()]
     print(format_table(analyses, args.k) + "\n")
-    print(plot_densities(analyses, density_path))
-    print(write_summary(json_path, problem, analyses, args.seed))
+    print(write_summary(json_path, problem, analyses, args.seed))  # first: the plot may fail
+    print(plot_densities(analyses, plot_path))
     return 0
 
 

@@ -174,6 +174,56 @@ def test_without_matplotlib_the_plot_is_skipped(user_file, outputs, monkeypatch,
     assert not density.exists() and summary_path.exists()
 
 
+def test_density_without_suffix_gets_png_and_reports_it(user_file, tmp_path, capsys):
+    density, summary_path = tmp_path / "out", tmp_path / "summary.json"
+    argv = ["analyze", f"{user_file}:problem", "--k", "1", "--json", str(summary_path)]
+    assert cli.main([*argv, "--density", str(density)]) == 0
+    out = capsys.readouterr().out
+    assert _is_png(tmp_path / "out.png") and not density.exists()
+    assert f"wrote {density}.png\n" in out and f"wrote {density}\n" not in out
+    # the JSON summary is written first: a failing plot cannot lose it
+    assert out.index(f"wrote {summary_path}") < out.index(f"wrote {density}.png")
+
+
+def test_density_in_another_format(user_file, tmp_path, capsys):
+    density = tmp_path / "density.pdf"
+    argv = ["analyze", f"{user_file}:problem", "--k", "1", "--density", str(density)]
+    assert cli.main([*argv, "--json", str(tmp_path / "s.json")]) == 0
+    assert density.read_bytes()[:5] == b"%PDF-"
+    assert f"wrote {density}\n" in capsys.readouterr().out
+
+
+def test_bad_density_suffix_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the problem was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_problem", no_work)
+    summary_path = tmp_path / "summary.json"
+    assert cli.main(["--density", str(tmp_path / "out.txt"), "--json", str(summary_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not summary_path.exists()
+    assert captured.err.startswith("curvop: error: --density: matplotlib cannot write '.txt' files")
+    assert ".png" in captured.err and ".pdf" in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_a_failing_plot_keeps_the_summary(user_file, outputs, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    options, density, summary_path = outputs
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(summary_path.read_text())["operators"]["Hessian"]["top_eigenvalues"]
+    assert f"wrote {summary_path}" in captured.out and not density.exists()
+    assert captured.err == (
+        f"curvop: error: --density: writing {density} failed: "
+        "OSError: [Errno 28] No space left on device\n"
+    )
+
+
 def test_without_tqdm_no_progress_bar(user_file, outputs, monkeypatch, capsys):
     monkeypatch.setattr(cli, "tqdm", None)
     options, _, summary_path = outputs
@@ -231,6 +281,11 @@ BAD_ARGUMENTS = {
         ["analyze", "{file}:problem", "--density", "{dir}/x/d.png"],
         "--density: directory",
     ),
+    "no directory for the plot without suffix": (
+        ["--density", "{dir}/x/d"],
+        "--density: directory",
+    ),
+    "plot suffix": (["analyze", "{file}:problem", "--density", "d.json"], "cannot write '.json'"),
 }
 
 
