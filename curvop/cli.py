@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import runpy
 import sys
 import time
@@ -65,6 +66,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _trace_matvecs(text: str) -> int:
+    value = _positive_int(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(
+            f"{TRACE_NAME} needs at least 4 products (two probes) for a standard error, got {value}"
+        )
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0: the default), got {text!r}")
+    return value
+
+
 def _add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
     """Options of both the main job and ``analyze``; only one parser may hold the defaults, or
     ``curvop --k 3 analyze ...`` would lose the 3 to the subcommand's default."""
@@ -72,23 +92,69 @@ def _add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool)
     def default(value: Any) -> Any:
         return value if with_defaults else argparse.SUPPRESS
 
+    _add_computation_options(parser, default)
+    _add_output_options(parser, default)
+
+
+def _add_computation_options(parser: argparse.ArgumentParser, default: Callable) -> None:
+    """What to compute and how many products to spend on it."""
     parser.add_argument(
         "--k", type=_positive_int, default=default(5), help="number of top eigenvalues (5)"
     )
     parser.add_argument(
+        "--tol",
+        type=_tolerance,
+        default=default(0.0),
+        help="eigenvalue tolerance relative to the norm (0: 100 eps of the dtype)",
+    )
+    parser.add_argument(
+        "--trace-matvecs",
+        type=_trace_matvecs,
+        metavar="N",
+        default=default(TRACE_MATVECS),
+        help=f"products of the {TRACE_NAME} trace estimate ({TRACE_MATVECS}, at least 4)",
+    )
+    parser.add_argument(
+        "--no-trace", action="store_true", default=default(False), help="skip the trace"
+    )
+    parser.add_argument(
+        "--density-probes",
+        type=_positive_int,
+        metavar="N",
+        default=default(DENSITY_PROBES),
+        help=f"SLQ probes of the spectral density ({DENSITY_PROBES})",
+    )
+    parser.add_argument(
+        "--density-steps",
+        type=_positive_int,
+        metavar="N",
+        default=default(DENSITY_STEPS),
+        help=f"Lanczos steps per SLQ probe ({DENSITY_STEPS}); the density costs probes x steps",
+    )
+    parser.add_argument(
+        "--no-density",
+        action="store_true",
+        default=default(False),
+        help="skip the spectral density and its plot",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=default(0), help="seed of every random start and probe (0)"
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser, default: Callable) -> None:
+    """Where the report goes."""
+    parser.add_argument(
         "--density",
         metavar="PATH",
         default=default(DEFAULT_DENSITY),
-        help=f"where to write the spectral density plot ({DEFAULT_DENSITY})",
+        help=f"where to write the spectral density plot ({DEFAULT_DENSITY}; .png if no suffix)",
     )
     parser.add_argument(
         "--json",
         metavar="PATH",
         default=default(DEFAULT_JSON),
         help=f"where to write the JSON summary ({DEFAULT_JSON})",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=default(0), help="seed of every random start and probe (0)"
     )
 
 
@@ -301,54 +367,131 @@ class _CountedProducts:
             self._bar.close()
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What the analysis computes and how many products it may spend.
+
+    Attributes
+    ----------
+    k
+        Number of top eigenvalues.
+    tol
+        Tolerance of :func:`curvop.top_eigenvalues` (0: its default).
+    seed
+        Seed of every random start and probe.
+    trace_matvecs
+        Products of the XTrace estimate; ``None`` skips the trace.
+    density_probes, density_steps
+        SLQ probes and Lanczos steps per probe; ``None`` skips the density.
+    """
+
+    k: int
+    tol: float
+    seed: int
+    trace_matvecs: int | None
+    density_probes: int | None
+    density_steps: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(
+            k=args.k,
+            tol=args.tol,
+            seed=args.seed,
+            trace_matvecs=None if args.no_trace else args.trace_matvecs,
+            density_probes=None if args.no_density else args.density_probes,
+            density_steps=None if args.no_density else args.density_steps,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The settings of the JSON summary (``null`` for a skipped phase); the seed is apart."""
+        return {
+            "k": self.k,
+            "tol": self.tol,
+            "trace_matvecs": self.trace_matvecs,
+            "density_probes": self.density_probes,
+            "density_steps": self.density_steps,
+        }
+
+    @property
+    def skipped(self) -> list[str]:
+        """The phases that the flags turned off."""
+        phases = {"trace": self.trace_matvecs, "density": self.density_probes}
+        return [phase for phase, budget in phases.items() if budget is None]
+
+
 @dataclass
 class Analysis:
-    """Everything the report says about one operator."""
+    """Everything the report says about one operator; ``None`` for a phase that was skipped."""
 
     name: str
     eigenvalues: np.ndarray
-    trace: curvop.Estimate
-    density: curvop.SpectralDensity
+    trace: curvop.Estimate | None
+    density: curvop.SpectralDensity | None
     products: dict[str, int]
     seconds: float
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "top_eigenvalues": self.eigenvalues.tolist(),
-            "trace": {
+    def summary(self, settings: Settings) -> dict[str, Any]:
+        """The JSON summary of this operator: only the phases that were computed."""
+        summary: dict[str, Any] = {"top_eigenvalues": self.eigenvalues.tolist()}
+        if self.trace is not None:
+            summary["trace"] = {
                 "method": TRACE_NAME.lower(),
                 "value": float(self.trace.value),
                 "std_error": float(self.trace.std_error),
                 "num_matvecs": int(self.trace.num_matvecs),
-            },
-            "density": {
+            }
+        if self.density is not None:
+            summary["density"] = {
                 "method": "slq",
-                "num_probes": DENSITY_PROBES,
-                "num_steps": DENSITY_STEPS,
+                "num_probes": settings.density_probes,
+                "num_steps": settings.density_steps,
                 "support": [float(self.density.grid[0]), float(self.density.grid[-1])],
-            },
-            "products": self.products,
-            "seconds": round(self.seconds, 3),
-        }
+            }
+        return {**summary, "products": self.products, "seconds": round(self.seconds, 3)}
 
 
-def analyze(name: str, operator: curvop.CurvatureOperator, *, k: int, seed: int) -> Analysis:
-    """Top-k eigenvalues, trace estimate and SLQ density of one operator."""
-    start, products = time.perf_counter(), {}
-    with _CountedProducts(operator, f"{name}: top-{k} eigenvalues", None) as counted:
-        eigenvalues = curvop.top_eigenvalues(operator, k, seed=seed)
-    products["eigenvalues"] = counted.count
-    with _CountedProducts(operator, f"{name}: trace", TRACE_MATVECS) as counted:
-        trace = curvop.xtrace(operator, TRACE_MATVECS, seed=seed)
-    products["trace"] = counted.count
-    total = DENSITY_PROBES * DENSITY_STEPS
-    with _CountedProducts(operator, f"{name}: spectral density", total) as counted:
-        density = curvop.spectral_density(
-            operator, method="slq", num_probes=DENSITY_PROBES, num_steps=DENSITY_STEPS, seed=seed
+def analyze(name: str, operator: curvop.CurvatureOperator, settings: Settings) -> Analysis:
+    """Top-k eigenvalues, and unless ``settings`` skip them the trace estimate and the SLQ
+    density, of one operator, with the products spent on each."""
+    start, k, seed = time.perf_counter(), settings.k, settings.seed
+    products: dict[str, int] = {}
+    eigenvalues, products["eigenvalues"] = _counted(
+        operator,
+        f"{name}: top-{k} eigenvalues",
+        None,
+        lambda: curvop.top_eigenvalues(operator, k, tol=settings.tol, seed=seed),
+    )
+    trace = density = None
+    if settings.trace_matvecs is not None:
+        matvecs = settings.trace_matvecs
+        trace, products["trace"] = _counted(
+            operator, f"{name}: trace", matvecs, lambda: curvop.xtrace(operator, matvecs, seed=seed)
         )
-    products["density"] = counted.count
+    if settings.density_probes is not None and settings.density_steps is not None:
+        probes, steps = settings.density_probes, settings.density_steps
+        density, products["density"] = _counted(
+            operator,
+            f"{name}: spectral density",
+            probes * steps,
+            lambda: curvop.spectral_density(
+                operator, method="slq", num_probes=probes, num_steps=steps, seed=seed
+            ),
+        )
     elapsed = time.perf_counter() - start
     return Analysis(name, np.asarray(eigenvalues), trace, density, products, elapsed)
+
+
+def _counted(
+    operator: curvop.CurvatureOperator,
+    description: str,
+    total: int | None,
+    compute: Callable[[], Any],
+) -> tuple[Any, int]:
+    """``compute()`` and the number of products of ``operator`` it spent."""
+    with _CountedProducts(operator, description, total) as counted:
+        result = compute()
+    return result, counted.count
 
 
 # ---------------------------------------------------------------------------------- the report
@@ -356,12 +499,11 @@ def format_table(analyses: Sequence[Analysis], k: int) -> str:
     """The eigenvalues, the trace and the cost, one column per operator."""
     rows = [(f"top-{k} eigenvalues", [a.name for a in analyses])]
     rows += [(f"  {i + 1}", [f"{a.eigenvalues[i]:.6g}" for a in analyses]) for i in range(k)]
-    rows.append(
-        (
-            f"trace ({TRACE_NAME})",
-            [f"{a.trace.value:.6g} +/- {a.trace.std_error:.2g}" for a in analyses],
+    traces = [a.trace for a in analyses if a.trace is not None]
+    if traces:
+        rows.append(
+            (f"trace ({TRACE_NAME})", [f"{t.value:.6g} +/- {t.std_error:.2g}" for t in traces])
         )
-    )
     rows.append(("products", [f"{sum(a.products.values()):,}" for a in analyses]))
     rows.append(("time", [f"{a.seconds:.1f} s" for a in analyses]))
     label_width = max(len(label) for label, _ in rows)
@@ -373,7 +515,7 @@ def format_table(analyses: Sequence[Analysis], k: int) -> str:
     )
 
 
-def plot_densities(analyses: Sequence[Analysis], path: Path) -> str:
+def plot_densities(analyses: Sequence[Analysis], path: Path, settings: Settings) -> str:
     """Write the SLQ densities on a log scale; return the line of the report that says so."""
     try:
         from matplotlib.figure import Figure
@@ -382,8 +524,10 @@ def plot_densities(analyses: Sequence[Analysis], path: Path) -> str:
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
     for analysis in analyses:
-        analysis.density.plot(ax=ax, log=True, label=analysis.name)
-    ax.set_title(f"spectral density (SLQ, {DENSITY_PROBES} probes x {DENSITY_STEPS} steps)")
+        if analysis.density is not None:
+            analysis.density.plot(ax=ax, log=True, label=analysis.name)
+    probes, steps = settings.density_probes, settings.density_steps
+    ax.set_title(f"spectral density (SLQ, {probes} probes x {steps} steps)")
     ax.legend()
     try:
         figure.savefig(path, dpi=120)
@@ -393,13 +537,17 @@ def plot_densities(analyses: Sequence[Analysis], path: Path) -> str:
 
 
 def write_summary(
-    path: Path, problem: dict[str, Any], analyses: Sequence[Analysis], seed: int
+    path: Path, problem: dict[str, Any], analyses: Sequence[Analysis], settings: Settings
 ) -> str:
+    """Write the JSON summary: the problem, the settings used, what was skipped, and per operator
+    what was computed; return the line of the report that says so."""
     summary = {
         "curvop_version": curvop.__version__,
         "problem": problem,
-        "seed": seed,
-        "operators": {a.name: a.summary() for a in analyses},
+        "seed": settings.seed,
+        "settings": settings.summary(),
+        "skipped": settings.skipped,
+        "operators": {a.name: a.summary(settings) for a in analyses},
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return f"wrote {path}"
@@ -424,17 +572,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    plot_path = _density_path(args.density)
+    settings = Settings.from_args(args)
+    plot_path = None if args.no_density else _density_path(args.density)
     json_path = _check_output_path("--json", args.json)
     operators, problem = _operators_and_problem(args)
     n = problem["num_params"]
     if args.k >= n:
         raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n - 1} or less")
     print(problem["description"] + "\n")
-    analyses = [analyze(label, op, k=args.k, seed=args.seed) for label, op in operators.items()]
+    analyses = [analyze(label, op, settings) for label, op in operators.items()]
     print(format_table(analyses, args.k) + "\n")
-    print(write_summary(json_path, problem, analyses, args.seed))  # first: the plot may fail
-    print(plot_densities(analyses, plot_path))
+    print(write_summary(json_path, problem, analyses, settings))  # first: the plot may fail
+    if plot_path is not None:
+        print(plot_densities(analyses, plot_path, settings))
     return 0
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import curvop
 from curvop import cli
 
 USER_FILE = textwrap.dedent(
@@ -97,6 +98,12 @@ def _dense(user_file, kind: str) -> np.ndarray:
     return cli.build_operator(kind, *_user_problem(user_file)).to_dense()
 
 
+def _table_row(out: str, label: str) -> list[str]:
+    """The cells of the last row of the report's table that starts with ``label``."""
+    rows = [line for line in out.splitlines() if line.startswith(label)]
+    return rows[-1][len(label) :].split()
+
+
 def _is_png(path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -172,6 +179,77 @@ def test_without_matplotlib_the_plot_is_skipped(user_file, outputs, monkeypatch,
     out = capsys.readouterr().out
     assert "skipped the density plot: matplotlib is not installed" in out
     assert not density.exists() and summary_path.exists()
+
+
+SMALL_BUDGET = ["--density-probes", "2", "--density-steps", "5", "--trace-matvecs", "6"]
+
+
+def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys):
+    options, _, summary_path = outputs
+    spec = f"{user_file}:problem"
+    assert cli.main(["analyze", spec, "--k", "2", *options]) == 0
+    default = json.loads(summary_path.read_text())
+    assert cli.main(["analyze", spec, "--k", "2", *SMALL_BUDGET, *options]) == 0
+    small = json.loads(summary_path.read_text())
+    assert default["settings"] == {
+        "k": 2,
+        "tol": 0.0,
+        "trace_matvecs": 60,
+        "density_probes": 10,
+        "density_steps": 80,
+    }
+    assert small["settings"] == {
+        "k": 2,
+        "tol": 0.0,
+        "trace_matvecs": 6,
+        "density_probes": 2,
+        "density_steps": 5,
+    }
+    assert default["skipped"] == small["skipped"] == []
+    report = small["operators"]["Hessian"]
+    products = report["products"]
+    assert products["trace"] == 6 and products["density"] == 2 * 5
+    assert report["density"]["num_probes"] == 2 and report["density"]["num_steps"] == 5
+    assert report["trace"]["num_matvecs"] == 6
+    default_products = default["operators"]["Hessian"]["products"]
+    assert default_products["trace"] > 6 and default_products["density"] > 10 * 5
+    assert _table_row(capsys.readouterr().out, "products") == [f"{sum(products.values())}"]
+
+
+def test_skipped_phases_are_left_out(user_file, outputs, capsys):
+    options, density, summary_path = outputs
+    argv = ["analyze", f"{user_file}:problem", "--k", "2", "--no-trace", "--no-density"]
+    assert cli.main([*argv, *options]) == 0
+    out = capsys.readouterr().out
+    assert "trace" not in out and not density.exists() and f"wrote {density}" not in out
+    summary = json.loads(summary_path.read_text())
+    assert summary["skipped"] == ["trace", "density"]
+    settings = summary["settings"]
+    assert settings["trace_matvecs"] is None and settings["density_probes"] is None
+    report = summary["operators"]["Hessian"]
+    assert "trace" not in report and "density" not in report
+    assert list(report["products"]) == ["eigenvalues"]
+    assert _table_row(out, "products") == [str(report["products"]["eigenvalues"])]
+
+
+def test_tol_goes_to_the_eigensolver(user_file, outputs, monkeypatch):
+    options, _, summary_path = outputs
+    argv = ["analyze", f"{user_file}:problem", "--k", "3", "--no-trace", "--no-density", *options]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["tol"])
+        return top_eigenvalues(*args, **kwargs)
+
+    top_eigenvalues = curvop.top_eigenvalues
+    monkeypatch.setattr(curvop, "top_eigenvalues", spy)
+    products = {}
+    for tol in ("0", "1e-2"):
+        assert cli.main([*argv, "--tol", tol]) == 0
+        summary = json.loads(summary_path.read_text())
+        assert summary["settings"]["tol"] == float(tol)
+        products[tol] = summary["operators"]["Hessian"]["products"]["eigenvalues"]
+    assert calls == [0.0, 1e-2] and products["1e-2"] < products["0"]
 
 
 def test_density_without_suffix_gets_png_and_reports_it(user_file, tmp_path, capsys):
@@ -273,6 +351,11 @@ BAD_ARGUMENTS = {
     "shape mismatch": (["analyze", "{file}:shapes_mismatch"], "cannot be computed: RuntimeError"),
     "changing data": (["analyze", "{file}:changing_data"], "the data changed between products"),
     "model raises": (["analyze", "{file}:broken_model"], "broken forward (my_problem.py, line"),
+    "density probes": (["--density-probes", "0"], "--density-probes: must be a positive integer"),
+    "density steps": (["analyze", "{file}:problem", "--density-steps", "x"], "--density-steps"),
+    "trace matvecs": (["--trace-matvecs", "3"], "needs at least 4 products (two probes)"),
+    "tol negative": (["--tol", "-1"], "--tol: must be a number >= 0"),
+    "tol nan": (["analyze", "{file}:problem", "--tol", "nan"], "--tol: must be a number >= 0"),
     "k too large": (["analyze", "{file}:problem", "--k", "43"], "use --k 42 or less"),
     "bad operator": (["analyze", "{file}:problem", "--operator", "kfac"], "invalid choice"),
     "no directory": (["--json", "{dir}/nowhere/s.json"], "--json: directory"),
