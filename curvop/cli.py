@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import curvop
+from curvop.data import _to_device, is_single_batch
 from curvop.problems import load_problem
 
 try:
@@ -85,6 +86,29 @@ def _tolerance(text: str) -> float:
     return value
 
 
+def _device(text: str) -> torch.device:
+    """A device that works here: a tensor can be made on it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"not a device: {text!r} (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    try:
+        torch.zeros(1, device=device)
+    except Exception as error:  # AssertionError without CUDA, RuntimeError for a missing index, ...
+        raise argparse.ArgumentTypeError(
+            f"{text} is not available here: {_first_sentence(error)}"
+        ) from None
+    return device
+
+
+def _first_sentence(error: BaseException) -> str:
+    """``Type: sentence``: the first sentence of an error that may run to many lines."""
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first_line.split('. ')[0]}"
+
+
 def _add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
     """Options of both the main job and ``analyze``; only one parser may hold the defaults, or
     ``curvop --k 3 analyze ...`` would lose the 3 to the subcommand's default."""
@@ -140,6 +164,12 @@ def _add_computation_options(parser: argparse.ArgumentParser, default: Callable)
     parser.add_argument(
         "--seed", type=int, default=default(0), help="seed of every random start and probe (0)"
     )
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default=default(None),
+        help="move the model and data there first, e.g. cpu, cuda, cuda:1 (default: leave them)",
+    )
 
 
 def _add_output_options(parser: argparse.ArgumentParser, default: Callable) -> None:
@@ -166,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a command: the Hessian and the Gauss-Newton matrix of a small MLP trained on digits."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"curvop {curvop.__version__}")
     _add_common_options(parser, with_defaults=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     analyze = commands.add_parser(
@@ -383,6 +414,8 @@ class Settings:
         Products of the XTrace estimate; ``None`` skips the trace.
     density_probes, density_steps
         SLQ probes and Lanczos steps per probe; ``None`` skips the density.
+    device
+        Where ``--device`` moved the model and data; ``None``: they stayed where they were.
     """
 
     k: int
@@ -391,6 +424,7 @@ class Settings:
     trace_matvecs: int | None
     density_probes: int | None
     density_steps: int | None
+    device: torch.device | None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -401,6 +435,7 @@ class Settings:
             trace_matvecs=None if args.no_trace else args.trace_matvecs,
             density_probes=None if args.no_density else args.density_probes,
             density_steps=None if args.no_density else args.density_steps,
+            device=args.device,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -411,6 +446,7 @@ class Settings:
             "trace_matvecs": self.trace_matvecs,
             "density_probes": self.density_probes,
             "density_steps": self.density_steps,
+            "device": None if self.device is None else str(self.device),
         }
 
     @property
@@ -601,11 +637,33 @@ def _operators_and_problem(
         model, loss_fn, data = builtin.model, builtin.loss_fn, builtin.data
         kinds, name, description = ["hessian", "ggn"], builtin.name, builtin.describe()
         source = None
+    if args.device is not None:
+        model, data = move_to(args.device, model, data)
     operators = {
         OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data, source) for kind in kinds
     }
     first = next(iter(operators.values()))
     n, dtype = first.shape[0], str(first.dtype)
     description = description or f"{name}: {n:,} parameters, {dtype}"
-    problem = {"name": name, "description": description, "num_params": n, "dtype": dtype}
+    device = str(first.layout.device)
+    problem = {
+        "name": name,
+        "description": description,
+        "num_params": n,
+        "dtype": dtype,
+        "device": device,
+    }
     return operators, problem
+
+
+def move_to(device: torch.device, model: nn.Module, data: Any) -> tuple[nn.Module, Any]:
+    """The model and the data on ``device``, for ``--device``.
+
+    The model moves in place. One ``(inputs, targets)`` batch, or a list or tuple of batches, is
+    copied there once; any other collection (a ``DataLoader``) is left as it is, and the
+    operators move each of its batches to the parameters' device as they pass over the data.
+    """
+    model.to(device)
+    if is_single_batch(data) or isinstance(data, list | tuple):
+        return model, _to_device(data, device)
+    return model, data

@@ -197,6 +197,7 @@ def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys
         "trace_matvecs": 60,
         "density_probes": 10,
         "density_steps": 80,
+        "device": None,
     }
     assert small["settings"] == {
         "k": 2,
@@ -204,6 +205,7 @@ def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys
         "trace_matvecs": 6,
         "density_probes": 2,
         "density_steps": 5,
+        "device": None,
     }
     assert default["skipped"] == small["skipped"] == []
     report = small["operators"]["Hessian"]
@@ -250,6 +252,47 @@ def test_tol_goes_to_the_eigensolver(user_file, outputs, monkeypatch):
         assert summary["settings"]["tol"] == float(tol)
         products[tol] = summary["operators"]["Hessian"]["products"]["eigenvalues"]
     assert calls == [0.0, 1e-2] and products["1e-2"] < products["0"]
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"curvop {curvop.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["main", "analyze"])
+def test_device_moves_the_problem_first(user_file, outputs, monkeypatch, command):
+    moved = []
+
+    def spy(device, model, data):
+        moved.append(device)
+        return move_to(device, model, data)
+
+    move_to = cli.move_to
+    monkeypatch.setattr(cli, "move_to", spy)
+    options, _, summary_path = outputs
+    cheap = ["--k", "1", "--tol", "0.1", "--no-trace", "--no-density"]
+    argv = ["analyze", f"{user_file}:problem"] if command == "analyze" else []
+    assert cli.main([*argv, *cheap, *options]) == 0
+    unmoved = json.loads(summary_path.read_text())
+    assert cli.main([*argv, *cheap, "--device", "cpu", *options]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert moved == [torch.device("cpu")]
+    assert unmoved["settings"]["device"] is None and summary["settings"]["device"] == "cpu"
+    assert unmoved["problem"]["device"] == summary["problem"]["device"] == "cpu"
+
+
+def test_move_to_copies_batches_and_leaves_loaders(user_file):
+    model, _, batches = _user_problem(user_file)
+    device = torch.device("meta")  # a second device that every machine has
+    moved_model, moved = cli.move_to(device, model, batches)
+    assert moved_model is model and all(p.device == device for p in model.parameters())
+    assert len(moved) == 3 and all(t.device == device for batch in moved for t in batch)
+    x, y = batches[0]
+    _, one = cli.move_to(device, model, ({"x": x}, y))
+    assert one[0]["x"].device == device and one[1].device == device
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    assert cli.move_to(device, model, loader)[1] is loader
+    assert x.device == torch.device("cpu")  # the user's tensors are copied, not moved
 
 
 def test_density_without_suffix_gets_png_and_reports_it(user_file, tmp_path, capsys):
@@ -354,6 +397,11 @@ BAD_ARGUMENTS = {
     "density probes": (["--density-probes", "0"], "--density-probes: must be a positive integer"),
     "density steps": (["analyze", "{file}:problem", "--density-steps", "x"], "--density-steps"),
     "trace matvecs": (["--trace-matvecs", "3"], "needs at least 4 products (two probes)"),
+    "device unknown": (["--device", "gpu"], "--device: not a device: 'gpu' (e.g. cpu, cuda"),
+    "device unavailable": (
+        ["analyze", "{file}:problem", "--device", "cuda:99"],
+        "--device: cuda:99 is not available here: ",
+    ),
     "tol negative": (["--tol", "-1"], "--tol: must be a number >= 0"),
     "tol nan": (["analyze", "{file}:problem", "--tol", "nan"], "--tol: must be a number >= 0"),
     "k too large": (["analyze", "{file}:problem", "--k", "43"], "use --k 42 or less"),
