@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import curvop
-from curvop.data import _to_device, is_single_batch
+from curvop.data import Batch, _to_device, is_single_batch
 from curvop.problems import load_problem
 
 try:
@@ -644,16 +644,29 @@ def _operators_and_problem(
     }
     first = next(iter(operators.values()))
     n, dtype = first.shape[0], str(first.dtype)
-    description = description or f"{name}: {n:,} parameters, {dtype}"
-    device = str(first.layout.device)
+    num_samples, num_batches = count_samples(data)
+    batches = f"{num_batches:,} batch" + ("" if num_batches == 1 else "es")
+    description = (
+        description or f"{name}: {n:,} parameters, {dtype}, {num_samples:,} samples in {batches}"
+    )
     problem = {
         "name": name,
         "description": description,
         "num_params": n,
         "dtype": dtype,
-        "device": device,
+        "num_samples": num_samples,
+        "num_batches": num_batches,
+        "device": str(first.layout.device),
     }
     return operators, problem
+
+
+def count_samples(data: Any) -> tuple[int, int]:
+    """The number of samples (the targets' first dimension, summed) and of batches in ``data``,
+    one ``(inputs, targets)`` batch or a re-iterable collection of them (a list, a DataLoader)."""
+    batches = [data] if is_single_batch(data) else data
+    sizes = [Batch(i, inputs, targets).num_samples for i, (inputs, targets) in enumerate(batches)]
+    return sum(sizes), len(sizes)
 
 
 def move_to(device: torch.device, model: nn.Module, data: Any) -> tuple[nn.Module, Any]:

@@ -32,6 +32,17 @@ USER_FILE = textwrap.dedent(
         return model, nn.CrossEntropyLoss(), [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
 
 
+    def one_batch():
+        model, loss_fn, batches = problem()
+        return model, loss_fn, (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+
+
+    def loader():
+        model, loss_fn, (x, y) = one_batch()
+        dataset = torch.utils.data.TensorDataset(x, y)
+        return model, loss_fn, torch.utils.data.DataLoader(dataset, batch_size=8)
+
+
     def two_values():
         return nn.Linear(2, 2), nn.MSELoss()
 
@@ -116,7 +127,9 @@ def test_main_job_on_the_builtin_problem(tmp_path, monkeypatch, capsys):
     assert "Hessian" in out and "GGN" in out and "trace (XTrace)" in out
     assert _is_png(tmp_path / "spectral_density.png")
     summary = json.loads((tmp_path / "curvop_summary.json").read_text())
-    assert summary["problem"]["num_params"] == 2410
+    problem = summary["problem"]
+    assert problem["num_params"] == 2410 and problem["num_samples"] == 1797
+    assert problem["num_batches"] == 4 and problem["device"] == "cpu"
     for name in ("Hessian", "GGN"):
         report = summary["operators"][name]
         top = np.array(report["top_eigenvalues"])
@@ -144,7 +157,7 @@ def test_analyze_each_operator(user_file, outputs, capsys, operator, label, exac
     code = cli.main(["analyze", spec, "--operator", operator, "--k", "3", "--seed", "1", *options])
     assert code == 0
     out = capsys.readouterr().out
-    assert f"{spec}: 43 parameters, float64" in out
+    assert f"{spec}: 43 parameters, float64, 22 samples in 3 batches\n" in out
     assert label in out and ("GGN" in out) == (operator == "ggn")
     assert _is_png(density)
     summary = json.loads(summary_path.read_text())
@@ -155,6 +168,21 @@ def test_analyze_each_operator(user_file, outputs, capsys, operator, label, exac
     np.testing.assert_allclose(report["top_eigenvalues"], eigenvalues[:3], rtol=rtol)
     trace = report["trace"]
     assert abs(trace["value"] - np.trace(matrix)) <= 5 * trace["std_error"] + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("function", "batches"),
+    [("problem", "3 batches"), ("one_batch", "1 batch"), ("loader", "3 batches")],
+)
+def test_analyze_header_counts_samples_and_batches(user_file, outputs, capsys, function, batches):
+    options, _, summary_path = outputs
+    spec = f"{user_file}:{function}"
+    assert cli.main(["analyze", spec, "--k", "1", "--no-trace", "--no-density", *options]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == f"{spec}: 43 parameters, float64, 22 samples in {batches}"
+    problem = json.loads(summary_path.read_text())["problem"]
+    assert problem["description"] == header and problem["num_samples"] == 22
+    assert problem["num_batches"] == int(batches.split()[0])
 
 
 def test_options_before_and_after_the_command(user_file, outputs):
