@@ -531,24 +531,49 @@ def _counted(
 
 
 # ---------------------------------------------------------------------------------- the report
+Cell = tuple[str, str]  # a value, and its standard error part (" +/- ...") or ""
+
+
 def format_table(analyses: Sequence[Analysis], k: int) -> str:
-    """The eigenvalues, the trace and the cost, one column per operator."""
-    rows = [(f"top-{k} eigenvalues", [a.name for a in analyses])]
-    rows += [(f"  {i + 1}", [f"{a.eigenvalues[i]:.6g}" for a in analyses]) for i in range(k)]
+    """The eigenvalues, the trace and the cost, one column per operator.
+
+    Numbers have six significant digits (``9.72293e-01``: every one is as wide as the next, so
+    right-aligned they line up digit for digit); a standard error follows its value as
+    ``+/- 6.4e-02``, the ``+/-`` of one column below each other.
+    """
+    rows: list[tuple[str, list[Cell]]] = [
+        (f"top-{k} eigenvalues", [(a.name, "") for a in analyses])
+    ]
+    rows += [(f"  {i + 1}", [(_number(a.eigenvalues[i]), "") for a in analyses]) for i in range(k)]
     traces = [a.trace for a in analyses if a.trace is not None]
     if traces:
-        rows.append(
-            (f"trace ({TRACE_NAME})", [f"{t.value:.6g} +/- {t.std_error:.2g}" for t in traces])
-        )
-    rows.append(("products", [f"{sum(a.products.values()):,}" for a in analyses]))
-    rows.append(("time", [f"{a.seconds:.1f} s" for a in analyses]))
+        cells = [(_number(t.value), f" +/- {t.std_error:.1e}") for t in traces]
+        rows.append((f"trace ({TRACE_NAME})", cells))
+    rows.append(("products", [(f"{sum(a.products.values()):,}", "") for a in analyses]))
+    rows.append(("time", [(f"{a.seconds:.1f} s", "") for a in analyses]))
+    return _align(rows)
+
+
+def _number(value: float) -> str:
+    return f"{value:.5e}"
+
+
+def _align(rows: Sequence[tuple[str, Sequence[Cell]]]) -> str:
+    """Labels left-aligned; in each column, values right-aligned and error parts left-aligned."""
     label_width = max(len(label) for label, _ in rows)
-    widths = [max(len(cells[j]) for _, cells in rows) for j in range(len(analyses))]
-    return "\n".join(
+    columns = list(zip(*(cells for _, cells in rows), strict=True))
+    widths = [
+        (max(len(v) for v, _ in column), max(len(e) for _, e in column)) for column in columns
+    ]
+    lines = [
         label.ljust(label_width)
-        + "".join("   " + cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
+        + "".join(
+            f"   {value.rjust(value_width)}{error.ljust(error_width)}"
+            for (value, error), (value_width, error_width) in zip(cells, widths, strict=True)
+        )
         for label, cells in rows
-    )
+    ]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def plot_densities(analyses: Sequence[Analysis], path: Path, settings: Settings) -> str:

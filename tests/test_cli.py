@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -159,6 +160,8 @@ def test_analyze_each_operator(user_file, outputs, capsys, operator, label, exac
     out = capsys.readouterr().out
     assert f"{spec}: 43 parameters, float64, 22 samples in 3 batches\n" in out
     assert label in out and ("GGN" in out) == (operator == "ggn")
+    table = out[out.index("top-3 eigenvalues") : out.index("\n\nwrote")]
+    _assert_aligned(table, [label])
     assert _is_png(density)
     summary = json.loads(summary_path.read_text())
     assert summary["seed"] == 1 and list(summary["operators"]) == [label]
@@ -183,6 +186,45 @@ def test_analyze_header_counts_samples_and_batches(user_file, outputs, capsys, f
     problem = json.loads(summary_path.read_text())["problem"]
     assert problem["description"] == header and problem["num_samples"] == 22
     assert problem["num_batches"] == int(batches.split()[0])
+
+
+NUMBER = re.compile(r"-?\d\.\d{5}e[+-]\d\d")
+
+
+def _assert_aligned(table: str, names: list[str]) -> None:
+    """Every column's numbers, name and product count end at one position, and its +/- start
+    at one position; numbers have six significant digits."""
+    lines = table.splitlines()
+    header, *body = lines
+    ends = []
+    for name in names:
+        ends.append(header.index(f" {name}", ends[-1] if ends else 0) + 1 + len(name))
+    numbers = [line for line in body if NUMBER.search(line)]
+    assert numbers
+    for line in numbers:
+        assert [match.end() for match in NUMBER.finditer(line)] == ends, table
+    errors = [line for line in body if "+/-" in line]
+    for line in errors:
+        assert [line.index("+/-", end) for end in ends] == [end + 1 for end in ends], table
+    products = next(line for line in body if line.startswith("products"))
+    assert [m.end() for m in re.finditer(r"[\d,]+", products)] == ends, table
+
+
+def test_table_columns_are_aligned():
+    def analysis(name, eigenvalues, trace, std_error):
+        estimate = curvop.Estimate(trace, std_error, 6)
+        products = {"eigenvalues": 123, "trace": 6}
+        return cli.Analysis(name, np.array(eigenvalues), estimate, None, products, 12.345)
+
+    analyses = [
+        analysis("Hessian", [123456.7, 2.0, -0.5, 1e-9], 1.5e6, 0.0125),
+        analysis("FD Hessian", [0.97, -3.25e-4, -12.0, -1e12], -7.0, 12345.0),
+        analysis("H", [1.0, 1.0, 1.0, 1.0], 4.0, 0.0),
+    ]
+    table = cli.format_table(analyses, 4)
+    _assert_aligned(table, ["Hessian", "FD Hessian", "H"])
+    assert "1.23457e+05" in table and "-1.00000e+12" in table and "+/- 1.2e+04" in table
+    assert all(line == line.rstrip() for line in table.splitlines())
 
 
 def test_options_before_and_after_the_command(user_file, outputs):
