@@ -339,11 +339,21 @@ def _check_returned(returned: Any, function_name: str) -> tuple[nn.Module, Calla
         )
         raise UsageError(f"{expected}, got {got}")
     model, loss_fn, data = returned
+    if _has_trainable_parameters(loss_fn) and not _has_trainable_parameters(model):
+        raise UsageError(
+            f"{expected}, but it looks like (loss_fn, model, data): the first value, a "
+            f"{type(model).__name__}, has no parameters to differentiate and the second, a "
+            f"{type(loss_fn).__name__}, has; swap them"
+        )
     if not isinstance(model, nn.Module):
         raise UsageError(f"{expected}: model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise UsageError(f"{expected}: loss_fn must be callable, got {type(loss_fn).__name__}")
     return model, loss_fn, data
+
+
+def _has_trainable_parameters(value: Any) -> bool:
+    return isinstance(value, nn.Module) and any(p.requires_grad for p in value.parameters())
 
 
 def build_operator(

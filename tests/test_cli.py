@@ -44,6 +44,16 @@ USER_FILE = textwrap.dedent(
         return model, loss_fn, torch.utils.data.DataLoader(dataset, batch_size=8)
 
 
+    def swapped():
+        model, loss_fn, data = problem()
+        return loss_fn, model, data
+
+
+    def swapped_functional_loss():
+        model, _, data = problem()
+        return nn.functional.cross_entropy, model, data
+
+
     def two_values():
         return nn.Linear(2, 2), nn.MSELoss()
 
@@ -458,6 +468,16 @@ BAD_ARGUMENTS = {
     "no such function": (["analyze", "{file}:nope"], "has no function 'nope' (functions:"),
     "not a function": (["analyze", "{file}:NOT_A_FUNCTION"], "is a int, not a function"),
     "wrong count": (["analyze", "{file}:two_values"], "must return (model, loss_fn, data), got 2"),
+    "swapped": (
+        ["analyze", "{file}:swapped"],
+        "swapped() must return (model, loss_fn, data), but it looks like (loss_fn, model, data): "
+        "the first value, a CrossEntropyLoss, has no parameters to differentiate and the second, "
+        "a Sequential, has; swap them",
+    ),
+    "swapped functional loss": (
+        ["analyze", "{file}:swapped_functional_loss"],
+        "looks like (loss_fn, model, data): the first value, a function, has no parameters",
+    ),
     "not a model": (["analyze", "{file}:not_a_model"], "model must be a torch.nn.Module"),
     "loss": (["analyze", "{file}:loss_not_callable"], "loss_fn must be callable"),
     "function raises": (["analyze", "{file}:fails"], "ValueError: no data here (my_problem.py"),
