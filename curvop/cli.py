@@ -16,7 +16,7 @@ import math
 import runpy
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,10 @@ OPERATORS: dict[str, tuple[str, type[curvop.CurvatureOperator]]] = {
 DEFAULT_DENSITY, DEFAULT_JSON = "spectral_density.png", "curvop_summary.json"
 TRACE_NAME, TRACE_MATVECS = "XTrace", 60
 DENSITY_PROBES, DENSITY_STEPS = 10, 80
+FD_NOTE = (
+    "note: the finite-difference Hessian is for models without double backward; it costs more "
+    "than --operator hessian and cannot be trusted across ReLU kinks"
+)
 
 
 class UsageError(Exception):
@@ -359,13 +363,17 @@ def _has_trainable_parameters(value: Any) -> bool:
 def build_operator(
     kind: str, model: nn.Module, loss_fn: Callable, data: Any, source: Path | None = None
 ) -> curvop.CurvatureOperator:
-    """The operator, checked by two products with the same vector (``check_deterministic``), so
-    that errors in the problem, and data that change between passes, surface here in one line
-    (pointing into ``source``, the user's file, when they were raised there)."""
+    """The operator, checked by two products with the same vector (``check_deterministic``) and,
+    where the operator has it, by ``check_symmetric``, so that errors in the problem, data that
+    change between passes and an asymmetric operator (finite differences across ReLU kinks)
+    surface here in one line (pointing into ``source``, the user's file, when they were raised
+    there) instead of after a long eigensolver run."""
     label, cls = OPERATORS[kind]
     try:
         operator = cls(model, loss_fn, data)
         operator.check_deterministic()
+        if hasattr(operator, "check_symmetric"):  # curvop versions without it skip the check
+            operator.check_symmetric()
     except Exception as error:
         reason = _one_line(error, source)
         raise UsageError(f"the {label} of the problem cannot be computed: {reason}") from None
@@ -650,13 +658,23 @@ def _run(args: argparse.Namespace) -> int:
     n = problem["num_params"]
     if args.k >= n:
         raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n - 1} or less")
-    print(problem["description"] + "\n")
+    print("\n".join([problem["description"], *_notes(operators.values()), ""]))
     analyses = [analyze(label, op, settings) for label, op in operators.items()]
     print(format_table(analyses, args.k) + "\n")
     print(write_summary(json_path, problem, analyses, settings))  # first: the plot may fail
     if plot_path is not None:
         print(plot_densities(analyses, plot_path, settings))
     return 0
+
+
+def _notes(operators: Iterable[curvop.CurvatureOperator]) -> list[str]:
+    """What the reader must know before the table: when the finite-difference Hessian is the
+    wrong tool."""
+    return [
+        FD_NOTE + (" (curvop checked its symmetry first)" if hasattr(op, "check_symmetric") else "")
+        for op in operators
+        if isinstance(op, curvop.FiniteDifferenceHessianOperator)
+    ]
 
 
 def _operators_and_problem(

@@ -237,6 +237,70 @@ def test_table_columns_are_aligned():
     assert all(line == line.rstrip() for line in table.splitlines())
 
 
+def _run_fd(user_file, outputs, capsys) -> tuple[int, str, str]:
+    options, _, _ = outputs
+    argv = ["analyze", f"{user_file}:problem", "--operator", "fd", "--k", "1", "--no-density"]
+    code = cli.main([*argv, "--trace-matvecs", "4", *options])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.skipif(
+    hasattr(curvop.FiniteDifferenceHessianOperator, "check_symmetric"),
+    reason="the operators check their symmetry: the note says so (next test)",
+)
+def test_fd_note_before_the_table(user_file, outputs, capsys):
+    code, out, _ = _run_fd(user_file, outputs, capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1] == cli.FD_NOTE and lines[2] == "" and lines[3].startswith("top-1 eigenvalues")
+    assert "for models without double backward" in lines[1] and "ReLU kinks" in lines[1]
+    for operator in ("hessian", "ggn"):
+        argv = ["analyze", f"{user_file}:problem", "--operator", operator, "--k", "1"]
+        assert cli.main([*argv, "--no-density", *outputs[0]]) == 0
+        assert "note:" not in capsys.readouterr().out
+
+
+def test_symmetry_is_checked_right_after_determinism(user_file, outputs, capsys, monkeypatch):
+    operator_class = curvop.FiniteDifferenceHessianOperator
+    calls = []
+
+    def check_deterministic(self, **kwargs):
+        calls.append("deterministic")
+        return deterministic(self, **kwargs)
+
+    def check_symmetric(self, *, rtol=None, seed=0):
+        calls.append("symmetric")
+        return 0.0
+
+    deterministic = operator_class.check_deterministic
+    monkeypatch.setattr(operator_class, "check_deterministic", check_deterministic)
+    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric, raising=False)
+    code, out, _ = _run_fd(user_file, outputs, capsys)
+    assert code == 0 and calls == ["deterministic", "symmetric"]
+    assert out.splitlines()[1] == cli.FD_NOTE + " (curvop checked its symmetry first)"
+
+
+def test_an_asymmetric_operator_stops_before_the_eigensolver(
+    user_file, outputs, capsys, monkeypatch
+):
+    def check_symmetric(self, *, rtol=None, seed=0):
+        raise RuntimeError("the operator is not symmetric: relative gap 0.3 > rtol=1e-06")
+
+    def no_eigensolver(*args, **kwargs):
+        raise AssertionError("the eigensolver ran on an asymmetric operator")
+
+    operator_class = curvop.FiniteDifferenceHessianOperator
+    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric, raising=False)
+    monkeypatch.setattr(curvop, "top_eigenvalues", no_eigensolver)
+    code, out, err = _run_fd(user_file, outputs, capsys)
+    assert code == 2 and out == ""
+    assert err == (
+        "curvop: error: the FD Hessian of the problem cannot be computed: RuntimeError: the "
+        "operator is not symmetric: relative gap 0.3 > rtol=1e-06\n"
+    )
+
+
 def test_options_before_and_after_the_command(user_file, outputs):
     options, _, summary_path = outputs
     spec = f"{user_file}:problem"
