@@ -237,10 +237,9 @@ def _density_path(path: str) -> Path:
     Parameters
     ----------
     path
-        The argument. Without a suffix, ``.png`` is appended (matplotlib would write a PNG there
-        anyway, under a name without the suffix it reports); a suffix must name a format that
-        matplotlib writes (png, pdf, svg, ...). Without matplotlib the plot is skipped later, so
-        any suffix passes.
+        The argument. Without a suffix, ``.png`` is appended (matplotlib would write a PNG under
+        the bare name); a suffix must name a format that matplotlib writes (png, pdf, svg, ...).
+        Without matplotlib the plot is skipped later, so any suffix passes.
 
     Returns
     -------
