@@ -98,6 +98,10 @@ USER_FILE = textwrap.dedent(
 )
 
 
+# enough to exercise every phase, cheap enough for a fast test
+SMALL_BUDGET = ["--density-probes", "2", "--density-steps", "5", "--trace-matvecs", "6"]
+
+
 @pytest.fixture
 def user_file(tmp_path):
     path = tmp_path / "my_problem.py"
@@ -165,7 +169,8 @@ def test_main_job_on_the_builtin_problem(tmp_path, monkeypatch, capsys):
 def test_analyze_each_operator(user_file, outputs, capsys, operator, label, exact, rtol):
     options, density, summary_path = outputs
     spec = f"{user_file}:problem"
-    code = cli.main(["analyze", spec, "--operator", operator, "--k", "3", "--seed", "1", *options])
+    argv = ["analyze", spec, "--operator", operator, "--k", "3", "--seed", "1", *options]
+    code = cli.main([*argv, "--density-probes", "2", "--density-steps", "5"])  # full trace budget
     assert code == 0
     out = capsys.readouterr().out
     assert f"{spec}: 43 parameters, float64, 22 samples in 3 batches\n" in out
@@ -304,9 +309,9 @@ def test_an_asymmetric_operator_stops_before_the_eigensolver(
 def test_options_before_and_after_the_command(user_file, outputs):
     options, _, summary_path = outputs
     spec = f"{user_file}:problem"
-    assert cli.main(["--k", "2", "--seed", "7", "analyze", spec, *options]) == 0
+    assert cli.main(["--k", "2", "--seed", "7", "analyze", spec, *SMALL_BUDGET, *options]) == 0
     before = json.loads(summary_path.read_text())
-    assert cli.main(["analyze", spec, "--k", "2", "--seed", "7", *options]) == 0
+    assert cli.main(["analyze", spec, "--k", "2", "--seed", "7", *SMALL_BUDGET, *options]) == 0
     after = json.loads(summary_path.read_text())
     assert len(before["operators"]["Hessian"]["top_eigenvalues"]) == 2 and before["seed"] == 7
     for result in (before, after):  # the time differs from run to run; the numbers do not
@@ -319,13 +324,10 @@ def test_without_matplotlib_the_plot_is_skipped(user_file, outputs, monkeypatch,
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     options, density, summary_path = outputs
-    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, *options]) == 0
     out = capsys.readouterr().out
     assert "skipped the density plot: matplotlib is not installed" in out
     assert not density.exists() and summary_path.exists()
-
-
-SMALL_BUDGET = ["--density-probes", "2", "--density-steps", "5", "--trace-matvecs", "6"]
 
 
 def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys):
@@ -441,7 +443,8 @@ def test_move_to_copies_batches_and_leaves_loaders(user_file):
 
 def test_density_without_suffix_gets_png_and_reports_it(user_file, tmp_path, capsys):
     density, summary_path = tmp_path / "out", tmp_path / "summary.json"
-    argv = ["analyze", f"{user_file}:problem", "--k", "1", "--json", str(summary_path)]
+    argv = ["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET]
+    argv += ["--json", str(summary_path)]
     assert cli.main([*argv, "--density", str(density)]) == 0
     out = capsys.readouterr().out
     assert _is_png(tmp_path / "out.png") and not density.exists()
@@ -452,7 +455,7 @@ def test_density_without_suffix_gets_png_and_reports_it(user_file, tmp_path, cap
 
 def test_density_in_another_format(user_file, tmp_path, capsys):
     density = tmp_path / "density.pdf"
-    argv = ["analyze", f"{user_file}:problem", "--k", "1", "--density", str(density)]
+    argv = ["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, "--density", str(density)]
     assert cli.main([*argv, "--json", str(tmp_path / "s.json")]) == 0
     assert density.read_bytes()[:5] == b"%PDF-"
     assert f"wrote {density}\n" in capsys.readouterr().out
@@ -479,7 +482,7 @@ def test_a_failing_plot_keeps_the_summary(user_file, outputs, monkeypatch, capsy
 
     monkeypatch.setattr(Figure, "savefig", disk_full)
     options, density, summary_path = outputs
-    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 2
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, *options]) == 2
     captured = capsys.readouterr()
     assert json.loads(summary_path.read_text())["operators"]["Hessian"]["top_eigenvalues"]
     assert f"wrote {summary_path}" in captured.out and not density.exists()
@@ -492,7 +495,7 @@ def test_a_failing_plot_keeps_the_summary(user_file, outputs, monkeypatch, capsy
 def test_without_tqdm_no_progress_bar(user_file, outputs, monkeypatch, capsys):
     monkeypatch.setattr(cli, "tqdm", None)
     options, _, summary_path = outputs
-    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, *options]) == 0
     products = json.loads(summary_path.read_text())["operators"]["Hessian"]["products"]
     assert products["eigenvalues"] > 0 and products["trace"] > 0 and products["density"] > 0
     assert capsys.readouterr().err == ""
@@ -506,7 +509,7 @@ def test_progress_bars_on_a_terminal(user_file, outputs, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     options, _, _ = outputs
-    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *options]) == 0
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, *options]) == 0
     shown = terminal.getvalue()
     for phase in ("top-1 eigenvalues", "trace", "spectral density"):
         assert f"Hessian: {phase}:" in shown
