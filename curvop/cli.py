@@ -679,7 +679,8 @@ def _notes(operators: Iterable[curvop.CurvatureOperator]) -> list[str]:
 def _operators_and_problem(
     args: argparse.Namespace,
 ) -> tuple[dict[str, curvop.CurvatureOperator], dict[str, Any]]:
-    """The operators to analyze, by label, and the description of the problem for the report."""
+    """The operators to analyze, by label, and the description of the problem for the report;
+    the model and data are moved to ``--device`` first, if given."""
     if args.command == "analyze":
         model, loss_fn, data = load_user_problem(args.problem)
         kinds, name, description = [args.operator], args.problem, None
@@ -694,23 +695,27 @@ def _operators_and_problem(
     operators = {
         OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data, source) for kind in kinds
     }
-    first = next(iter(operators.values()))
-    n, dtype = first.shape[0], str(first.dtype)
+    return operators, _describe(name, description, next(iter(operators.values())), data)
+
+
+def _describe(
+    name: str, description: str | None, operator: curvop.CurvatureOperator, data: Any
+) -> dict[str, Any]:
+    """The problem for the report and the JSON; ``description`` (the header line) defaults to
+    ``NAME: N parameters, DTYPE, S samples in B batches``."""
+    n, dtype = operator.shape[0], str(operator.dtype)
     num_samples, num_batches = count_samples(data)
     batches = f"{num_batches:,} batch" + ("" if num_batches == 1 else "es")
-    description = (
-        description or f"{name}: {n:,} parameters, {dtype}, {num_samples:,} samples in {batches}"
-    )
-    problem = {
+    header = f"{name}: {n:,} parameters, {dtype}, {num_samples:,} samples in {batches}"
+    return {
         "name": name,
-        "description": description,
+        "description": description or header,
         "num_params": n,
         "dtype": dtype,
         "num_samples": num_samples,
         "num_batches": num_batches,
-        "device": str(first.layout.device),
+        "device": str(operator.layout.device),
     }
-    return operators, problem
 
 
 def count_samples(data: Any) -> tuple[int, int]:
