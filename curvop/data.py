@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "DataSource", "is_single_batch"]
+__all__ = ["Batch", "DataSource", "is_single_batch", "map_tensors"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Batch:
         def convert(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
-        return Batch(self.index, _map_tensors(self.inputs, convert), convert(self.targets))
+        return Batch(self.index, map_tensors(self.inputs, convert), convert(self.targets))
 
 
 def _tensors(item: Any) -> Iterator[torch.Tensor]:
@@ -74,14 +74,14 @@ def is_single_batch(data: Any) -> bool:
     return isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], torch.Tensor)
 
 
-def _map_tensors(item: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(item: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``item`` with ``function`` applied to every tensor in it (lists become tuples)."""
     if isinstance(item, torch.Tensor):
         return function(item)
     if isinstance(item, dict):
-        return {key: _map_tensors(value, function) for key, value in item.items()}
+        return {key: map_tensors(value, function) for key, value in item.items()}
     if isinstance(item, tuple | list):
-        return tuple(_map_tensors(value, function) for value in item)
+        return tuple(map_tensors(value, function) for value in item)
     return item
 
 
@@ -182,7 +182,7 @@ class DataSource:
                 )
             inputs, targets = item
             batch = Batch(
-                index, _map_tensors(inputs, lambda t: t.to(self.device)), targets.to(self.device)
+                index, map_tensors(inputs, lambda t: t.to(self.device)), targets.to(self.device)
             )
             tensors = batch.tensors()
             shapes.append(tuple((tuple(t.shape), t.dtype) for t in tensors))

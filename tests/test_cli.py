@@ -250,16 +250,12 @@ def _run_fd(user_file, outputs, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.skipif(
-    hasattr(curvop.FiniteDifferenceHessianOperator, "check_symmetric"),
-    reason="the operators check their symmetry: the note says so (next test)",
-)
 def test_fd_note_before_the_table(user_file, outputs, capsys):
     code, out, _ = _run_fd(user_file, outputs, capsys)
     assert code == 0
     lines = out.splitlines()
     assert lines[1] == cli.FD_NOTE and lines[2] == "" and lines[3].startswith("top-1 eigenvalues")
-    assert "for models without double backward" in lines[1] and "ReLU kinks" in lines[1]
+    assert "for models without double backward" in lines[1] and "kinks" in lines[1]
     for operator in ("hessian", "ggn"):
         argv = ["analyze", f"{user_file}:problem", "--operator", operator, "--k", "1"]
         assert cli.main([*argv, "--no-density", *outputs[0]]) == 0
@@ -280,10 +276,9 @@ def test_symmetry_is_checked_right_after_determinism(user_file, outputs, capsys,
 
     deterministic = operator_class.check_deterministic
     monkeypatch.setattr(operator_class, "check_deterministic", check_deterministic)
-    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric, raising=False)
+    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric)
     code, out, _ = _run_fd(user_file, outputs, capsys)
     assert code == 0 and calls == ["deterministic", "symmetric"]
-    assert out.splitlines()[1] == cli.FD_NOTE + " (curvop checked its symmetry first)"
 
 
 def test_an_asymmetric_operator_stops_before_the_eigensolver(
@@ -296,7 +291,7 @@ def test_an_asymmetric_operator_stops_before_the_eigensolver(
         raise AssertionError("the eigensolver ran on an asymmetric operator")
 
     operator_class = curvop.FiniteDifferenceHessianOperator
-    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric, raising=False)
+    monkeypatch.setattr(operator_class, "check_symmetric", check_symmetric)
     monkeypatch.setattr(curvop, "top_eigenvalues", no_eigensolver)
     code, out, err = _run_fd(user_file, outputs, capsys)
     assert code == 2 and out == ""
@@ -314,10 +309,26 @@ def test_options_before_and_after_the_command(user_file, outputs):
     assert cli.main(["analyze", spec, "--k", "2", "--seed", "7", *SMALL_BUDGET, *options]) == 0
     after = json.loads(summary_path.read_text())
     assert len(before["operators"]["Hessian"]["top_eigenvalues"]) == 2 and before["seed"] == 7
-    for result in (before, after):  # the time differs from run to run; the numbers do not
-        for report in result["operators"].values():
-            report.pop("seconds")
-    assert before == after
+    for result in (before, after):  # the time differs from run to run; the numbers do not,
+        for report in result["operators"].values():  # beyond rounding: kernels are picked by
+            report.pop("seconds")  # timing, and differ in the order of their sums
+    assert_same_numbers(before, after)
+
+
+def assert_same_numbers(a, b, rtol=1e-9):
+    """Equal JSON, floats equal to ``rtol`` (float64 products, reproducible to rounding)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_numbers(a[key], b[key], rtol)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_numbers(x, y, rtol)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rtol, abs=1e-12)
+    else:
+        assert a == b
 
 
 def test_without_matplotlib_the_plot_is_skipped(user_file, outputs, monkeypatch, capsys):
