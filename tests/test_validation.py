@@ -396,3 +396,22 @@ def test_sample_counts_must_be_positive_integers(num_samples):
         approximate_hvp(func, params, v, num_samples=num_samples)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         hessian_trace(func, params, num_samples=num_samples)
+
+
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [
+        (HessianOperator, "kernel"),
+        (GaussNewtonOperator, "output"),
+        (FiniteDifferenceHessianOperator, "precision"),
+    ],
+)
+def test_help_shows_each_operators_own_parameters(cls, own):
+    """help() used to show SciPy's inherited __init__ text, and the parameters lived elsewhere."""
+    import pydoc
+
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "Initialize this LinearOperator" not in text
+    head = text[: text.index("Methods defined here")]
+    for name in ("model", "loss_fn", "data", "params", "reduction", "process_group", own):
+        assert f"\n |  {name}" in head or f" {name}," in head or f"{name}\n" in head, name

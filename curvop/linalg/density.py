@@ -30,6 +30,7 @@ from numpy.polynomial import chebyshev
 from scipy.integrate import trapezoid
 from scipy.linalg import eigh_tridiagonal
 
+from ..progress import counting
 from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator
 from .checks import check_choice
@@ -286,6 +287,7 @@ def spectral_density(
     sigma: float | None = None,
     seed: int | None = None,
     memory_gb: float = 1.0,
+    progress: bool = False,
 ) -> SpectralDensity:
     r"""Estimate the spectral density of a symmetric operator.
 
@@ -314,6 +316,8 @@ def spectral_density(
         per probe (full reorthogonalization), in float64 while one probe fits, else in the
         operator's dtype; KPM four. Probes beyond what fits run in later chunks (more passes
         over the data, the same result). A ``ValueError`` says when one probe cannot fit.
+    progress
+        Show a progress bar of the column products (tqdm; see :mod:`curvop.progress`).
 
     Returns
     -------
@@ -348,5 +352,9 @@ def spectral_density(
     memory_gb = check_real(memory_gb, "memory_gb", positive=True)
     generator = block.generator(seed)
     if method == "slq":
-        return _slq(block, generator, num_probes, num_steps, num_points, sigma, memory_gb)
-    return _kpm(block, generator, num_probes, num_steps, num_points, memory_gb)
+        total = num_probes * min(num_steps, block.n)
+        with counting(block, progress, total, "spectral density (SLQ)") as block:
+            return _slq(block, generator, num_probes, num_steps, num_points, sigma, memory_gb)
+    total = BOUND_STEPS + num_probes * (num_steps // 2)
+    with counting(block, progress, total, "spectral density (KPM)") as block:
+        return _kpm(block, generator, num_probes, num_steps, num_points, memory_gb)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh
 
+from ..progress import counting
 from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import check_choice, check_optional_positive_int
@@ -210,6 +211,7 @@ def top_eigenvalues(
     ncv: int | None = None,
     block_size: int | None = None,
     memory_gb: float = 1.0,
+    progress: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""The ``k`` extreme eigenvalues of a symmetric operator, by thick-restart Lanczos in float64.
 
@@ -253,6 +255,8 @@ def top_eigenvalues(
         in a block of ``k + 1`` costs at most ``0.6`` of a column alone (see :func:`_choose_width`).
     memory_gb
         Budget for the float64 basis when ``ncv`` is not given (default 1 GiB).
+    progress
+        Show a progress bar of the column products (tqdm; see :mod:`curvop.progress`).
 
     Returns
     -------
@@ -298,6 +302,24 @@ def top_eigenvalues(
     if block_size is not None and block_size not in (1, min(k + GUARD, block.n)):
         raise ValueError(f"block_size must be 1 or k + 1 = {k + GUARD} (or None), got {block_size}")
     memory_gb = check_real(memory_gb, "memory_gb", positive=True)
+    with counting(block, progress, None, f"top-{k} eigenvalues") as block:
+        return _top_eigenvalues(
+            block, k, which, tol, return_eigenvectors, seed, maxiter, ncv, block_size, memory_gb
+        )
+
+
+def _top_eigenvalues(
+    block: BlockOperator,
+    k: int,
+    which: str,
+    tol: float,
+    return_eigenvectors: bool,
+    seed: int | None,
+    maxiter: int | None,
+    ncv: int | None,
+    block_size: int | None,
+    memory_gb: float,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     generator = block.generator(seed, device="cpu")
     start = torch.linalg.qr(
         torch.randn(block.n, min(k + GUARD, block.n), generator=generator, dtype=torch.float64)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..progress import counting
 from ..validation import check_positive_int, check_seed
 from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import as_float64_vector
@@ -125,7 +126,7 @@ def lanczos_block(
 
 
 def lanczos(
-    op: Any, num_steps: int, *, v0: Any = None, seed: int | None = None
+    op: Any, num_steps: int, *, v0: Any = None, seed: int | None = None, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""The Lanczos tridiagonal matrix of ``op`` from ``v0`` (or a random start).
 
@@ -139,6 +140,8 @@ def lanczos(
         Start vector, numpy or torch ``(n,)``, nonzero; default a Rademacher vector.
     seed
         Seed of the random start (only without ``v0``).
+    progress
+        Show a progress bar of the products (tqdm; see :mod:`curvop.progress`).
 
     Returns
     -------
@@ -165,6 +168,7 @@ def lanczos(
         start = torch.from_numpy(as_float64_vector(v0, "v0", block.n)).to(block.device)[:, None]
         if not start.any():
             raise ValueError("v0 must be nonzero")
-    run = lanczos_block(block, start, num_steps)
+    with counting(block, progress, min(num_steps, block.n), "Lanczos") as block:
+        run = lanczos_block(block, start, num_steps)
     m = int(run.lengths[0])
     return run.alphas[0, :m], run.betas[0, : m - 1]

@@ -9,9 +9,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy.sparse import identity
 from scipy.sparse.linalg import aslinearoperator, cg, minres
 
+from ..operators.identity import IdentityOperator
+from ..progress import counting
 from ..validation import check_real
 from .adapter import as_block_operator, as_scipy_float64
 from .checks import as_float64_vector, check_choice, check_optional_positive_int
@@ -84,6 +85,7 @@ def solve_damped(
     x0: np.ndarray | torch.Tensor | None = None,
     M: Any = None,
     callback: Callable[[np.ndarray | torch.Tensor], None] | None = None,
+    progress: bool = False,
 ) -> SolveResult:
     r"""Solve :math:`(A + \lambda I)\,x = b` with SciPy's ``cg`` or ``minres`` in float64.
 
@@ -113,6 +115,8 @@ def solve_damped(
     callback
         Called after every iteration with the current iterate (the kind of ``b``), e.g. to
         record a residual history.
+    progress
+        Show a progress bar of the products (tqdm; see :mod:`curvop.progress`).
 
     Returns
     -------
@@ -155,10 +159,7 @@ def solve_damped(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
-    block.check_symmetric(
-        block.generator(0, device="cpu")
-    )  # CG and MINRES assume it: fail now, not never
-    system = as_scipy_float64(block) + aslinearoperator(identity(block.n)) * damping
+    block.check_symmetric(block.generator(0, device="cpu"))  # CG and MINRES assume it
     iterations = 0
 
     def count(xk: np.ndarray) -> None:
@@ -168,15 +169,17 @@ def solve_damped(
             callback(_like(b, xk))
 
     target, tolerance = rtol * float(np.linalg.norm(rhs)), rtol
-    for _ in range(SOLVES):
-        remaining = None if maxiter is None else maxiter - iterations
-        x, info = SOLVERS[method](
-            system, rhs, x0=x, rtol=tolerance, maxiter=remaining, M=M, callback=count
-        )
-        residual = float(np.linalg.norm(rhs - system.matvec(x)))
-        if residual <= target or info != 0 or iterations == maxiter:
-            break
-        tolerance *= 0.5 * target / residual
+    with counting(block, progress, maxiter, f"solve_damped ({method})") as block:
+        system = as_scipy_float64(block) + damping * IdentityOperator(block.n)
+        for _ in range(SOLVES):
+            remaining = None if maxiter is None else maxiter - iterations
+            x, info = SOLVERS[method](
+                system, rhs, x0=x, rtol=tolerance, maxiter=remaining, M=M, callback=count
+            )
+            residual = float(np.linalg.norm(rhs - system.matvec(x)))
+            if residual <= target or info != 0 or iterations == maxiter:
+                break
+            tolerance *= 0.5 * target / residual
     converged = residual <= target
     if not converged:
         hint = " or use method='minres' if A + damping*I is indefinite" if method == "cg" else ""

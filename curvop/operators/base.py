@@ -15,6 +15,7 @@ from torch import nn
 from ..distributed import allreduce_product, check_group
 from ..layout import ParamLayout
 from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolve_params
+from ..progress import bar
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from ..validation import check_positive_int, check_real, check_seed
 from .kernels import Kernel, KernelChoice, Selection
@@ -24,7 +25,6 @@ __all__ = ["CurvatureOperator", "resolve_reduction"]
 Objective = ModelObjective | ClosureObjective
 
 REDUCTIONS = ("mean", "sum")
-DENSE_BLOCK = 256  # columns per product in to_dense
 
 
 def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
@@ -143,11 +143,15 @@ class CurvatureOperator(LinearOperator):
         ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
     accuracy : float
         The stated relative accuracy of a product: 0 for exact operators (rounding only).
+    max_block_columns : int
+        Products of more columns run this many at a time, one pass over the data each (64; a
+        batched backward pass holds a copy of the activations per column). Settable per operator.
     process_group
         The ``torch.distributed`` group the data is sharded over, or ``None``.
     """
 
     accuracy: float = 0.0
+    max_block_columns: int = 64
 
     def __init__(
         self,
@@ -161,6 +165,8 @@ class CurvatureOperator(LinearOperator):
         kernel: KernelChoice,
         process_group: Any = None,
     ):
+        """The shared constructor of the curvature operators (see each subclass for the
+        parameters)."""
         objective = ModelObjective(model, loss_fn, data, resolve_params(model, params), output)
         warn_active_dropout(model)
         reduction = resolve_reduction(loss_fn, reduction)
@@ -206,7 +212,8 @@ class CurvatureOperator(LinearOperator):
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Multiply a torch ``(n,)`` or ``(n, k)`` tensor, on the parameters' device and dtype.
 
-        All ``k`` columns are multiplied in a single pass over the data. Works inside
+        All ``k`` columns (up to ``max_block_columns``) are multiplied in a single pass over the
+        data. Works inside
         ``torch.no_grad()`` and ``torch.inference_mode()`` blocks: the kernels differentiate
         with autograd enabled locally.
         """
@@ -214,6 +221,11 @@ class CurvatureOperator(LinearOperator):
         block = V if V.dim() == 2 else V.unsqueeze(1)
         if block.shape[1] == 0:
             return torch.zeros_like(V)
+        if block.shape[1] > self.max_block_columns:  # bounds what a batched backward holds
+            return torch.cat(
+                [self.apply(part) for part in torch.split(block, self.max_block_columns, dim=1)],
+                dim=1,
+            )
         k = block.shape[1]
         partial, samples, failure = self._partial_product(block)
         if self.process_group is not None:
@@ -262,11 +274,9 @@ class CurvatureOperator(LinearOperator):
                     "or overflow)"
                 )
 
-    def to_dense(self, max_size: int = 4096) -> np.ndarray:
-        """The ``(n, n)`` matrix as numpy, from block products with the identity.
-
-        Columns are multiplied ``DENSE_BLOCK`` (256) at a time, so that the batched backward pass
-        never holds more than that many copies of the activations.
+    def to_dense(self, max_size: int = 4096, *, progress: bool = False) -> np.ndarray:
+        """The ``(n, n)`` matrix as numpy, from block products with the identity (columns
+        ``max_block_columns`` at a time; ``progress=True`` shows a bar, see :mod:`curvop.progress`).
 
         Raises ``ValueError`` when ``n > max_size`` (the matrix takes ``n**2`` entries of memory);
         pass a larger ``max_size`` to allow it.
@@ -278,8 +288,13 @@ class CurvatureOperator(LinearOperator):
                 f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
             )
         eye = torch.eye(n, dtype=self.layout.dtype, device=self.layout.device)
-        blocks = torch.split(eye, DENSE_BLOCK, dim=1)  # bounds the memory of batched backward
-        return torch.cat([self.apply(block) for block in blocks], dim=1).cpu().numpy()
+        columns = []
+        with bar(progress, n, "to_dense") as shown:
+            for block in torch.split(eye, self.max_block_columns, dim=1):
+                columns.append(self.apply(block))
+                if shown is not None:
+                    shown.update(block.shape[1])
+        return torch.cat(columns, dim=1).cpu().numpy()
 
     def check_deterministic(self, *, rtol: float | None = None, seed: int = 0) -> float:
         """Check that two products with the same random vector agree; return their relative gap.

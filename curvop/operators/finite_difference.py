@@ -224,6 +224,8 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         precision: str = "float64",
         process_group: Any = None,
     ):
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring above)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         dtype = torch.float64 if precision == "float64" else None

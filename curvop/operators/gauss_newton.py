@@ -147,6 +147,8 @@ class GaussNewtonOperator(CurvatureOperator):
         kernel: str = AUTO,
         process_group: Any = None,
     ):
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring above)."""
         super().__init__(
             model, loss_fn, data, params, reduction=reduction, output=output,
             kernel=KernelChoice(KERNELS, kernel), process_group=process_group,
