@@ -415,3 +415,89 @@ def test_help_shows_each_operators_own_parameters(cls, own):
     head = text[: text.index("Methods defined here")]
     for name in ("model", "loss_fn", "data", "params", "reduction", "process_group", own):
         assert f"\n |  {name}" in head or f" {name}," in head or f"{name}\n" in head, name
+
+
+class HuggingFaceLike(nn.Module):
+    """Returns a dict, as Hugging Face models do (their outputs also allow ``.logits``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = linear()
+
+    def forward(self, x):
+        return {"logits": self.layer(x), "hidden": x}
+
+
+@pytest.mark.parametrize("output", ["logits", lambda out: out["logits"]])
+@by_operator
+def test_output_picks_the_tensor_from_a_dict_output(cls, output):
+    model = HuggingFaceLike()
+    picked = cls(model, nn.MSELoss(), batch(), output=output)
+    plain = cls(model.layer, nn.MSELoss(), batch())
+    v = torch.randn(N, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(picked.apply(v), plain.apply(v), rtol=1e-10, atol=1e-12)
+
+
+def test_output_by_index_and_attribute():
+    class TupleModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = linear()
+
+        def forward(self, x):
+            return x, self.layer(x)
+
+    plain = GaussNewtonOperator(linear(), nn.MSELoss(), batch())
+    model = TupleModel()
+    model.layer.load_state_dict(plain._objective.model.state_dict())
+    by_index = GaussNewtonOperator(model, nn.MSELoss(), batch(), output=1)
+    v = torch.ones(N, dtype=F64)
+    torch.testing.assert_close(by_index.apply(v), plain.apply(v))
+
+    class WithLogits(nn.Module):  # an output object with an attribute, like transformers' outputs
+        def __init__(self):
+            super().__init__()
+            self.layer = model.layer
+
+        def forward(self, x):
+            return type("Output", (), {"logits": self.layer(x)})()
+
+    by_attribute = GaussNewtonOperator(WithLogits(), nn.MSELoss(), batch(), output="logits")
+    torch.testing.assert_close(by_attribute.apply(v), plain.apply(v))
+
+
+def test_an_output_that_selects_nothing_says_what_there_is():
+    op = HessianOperator(HuggingFaceLike(), nn.MSELoss(), batch(), output="scores")
+    with pytest.raises(
+        ValueError, match=r"output='scores' does not select .* \(keys: \['logits', 'hidden'\]\)"
+    ):
+        op.apply(torch.zeros(N, dtype=F64))
+    with pytest.raises(TypeError, match="output must be None, a key"):
+        HessianOperator(HuggingFaceLike(), nn.MSELoss(), batch(), output=1.5)
+
+
+@by_operator
+def test_float64_data_with_a_float32_model_names_the_batch_and_the_fix(cls):
+    model = nn.Linear(3, 2)  # float32
+    x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2)
+    # (FD differences in float64 by default, converting everything: only native sees a mismatch)
+    options = {"precision": "native"} if cls is FiniteDifferenceHessianOperator else {}
+    op = cls(model, nn.MSELoss(), [(x[:4].float(), y[:4]), (x[4:], y[4:])], **options)
+    with pytest.raises(
+        TypeError, match=r"batch 1: the inputs are float64 but the model's parameters are float32"
+    ) as info:
+        op.apply(torch.zeros(op.shape[0]))
+    assert "x.to(torch.float32)" in str(info.value) and "model.to(torch.float64)" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the original, chained
+
+
+@by_operator
+def test_targets_of_the_wrong_length_name_the_batch(cls):
+    model = nn.Linear(3, 4).double()
+    x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 4, (8,))
+    op = cls(model, nn.CrossEntropyLoss(), [(x[:4], y[:4]), (x[4:], y[4:7])])
+    with pytest.raises(
+        ValueError, match=r"batch 1: the model returned 4 outputs .* the targets hold 3"
+    ) as info:
+        op.apply(torch.zeros(op.shape[0], dtype=F64))
+    assert info.value.__cause__ is not None
