@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..validation import check_num_matvecs, check_positive_int
 from .adapter import as_block_operator
@@ -32,29 +33,34 @@ def hutchinson_diagonal(op: Any, num_matvecs: int, *, seed: int | None = None) -
 def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
     r"""XDiag (Epperly, Tropp & Webber, 2024), the exchangeable diagonal estimator.
 
-    With :math:`s = \lfloor m/2 \rfloor` Rademacher probes and the leave-one-out projectors :math:`P_{-i}` of
-    :mod:`curvop.linalg.sketch`,
+    With :math:`s = \lfloor m/2 \rfloor` Rademacher probes and the leave-one-out projectors
+    :math:`P_{-i}` of :mod:`curvop.linalg.sketch`,
 
     .. math::
         \operatorname{diag}(A) \approx \frac{1}{s} \sum_{i=1}^s \Big[
         \operatorname{diag}(P_{-i} A) + \omega_i \odot (I - P_{-i}) A \omega_i \Big].
 
-    With :math:`P_{-i} = QQ^\top - u_i u_i^\top`, :math:`u_i = Qc_i`, :math:`Z = AQ`,
-    :math:`\operatorname{diag}(QQ^\top A) = \sum_k Q_{:k} \odot Z_{:k}` and
-    :math:`u_i^\top A\omega_i = c_i^\top Z^\top \omega_i`, so everything follows from the two
-    block products of the sketch. Exact when :math:`s` exceeds the rank of :math:`A`
-    (``num_matvecs >= 2 * (rank + 1)``) and the range of :math:`A` is not aligned with the
-    coordinate axes (see :mod:`curvop.linalg.sketch`). Rademacher rather than Gaussian probes,
-    because the Monte-Carlo part then has no error from the diagonal of the remainder. Returns
-    numpy ``(n,)`` float64; needs ``num_matvecs >= 2``.
+    With :math:`P_{-i} = QQ^\top - u_i u_i^\top`, :math:`u_i = Qc_i`, :math:`Z = AQ` and
+    :math:`G = Q^\top Y`: :math:`\operatorname{diag}(P_{-i} A) = \sum_k Q_{:k} \odot Z_{:k} - u_i
+    \odot Zc_i` and :math:`(I - P_{-i})y_i = y_i - Q(g_i - c_i\, c_i^\top g_i)`, so that
+
+    .. math::
+        \operatorname{diag}(A) \approx \sum_k \big[Q(I - \tfrac{1}{s}CC^\top)\big]_{:k}
+        \odot Z_{:k} + \frac{1}{s} \sum_i \omega_i \odot \big(Y - Q(G - C
+        \operatorname{diag}(c_i^\top g_i))\big)_{:i},
+
+    from the two block products of the sketch, with two ``(n, s)`` temporaries. Exact when
+    :math:`s` exceeds the rank of :math:`A` (``num_matvecs >= 2 * (rank + 1)``) and the range of
+    :math:`A` is not aligned with the coordinate axes (see :mod:`curvop.linalg.sketch`).
+    Rademacher rather than Gaussian probes, because the Monte-Carlo part then has no error from
+    the diagonal of the remainder. Returns numpy ``(n,)`` float64; needs ``num_matvecs >= 2``.
     """
     block = as_block_operator(op)
     num_matvecs = check_num_matvecs(num_matvecs, 2, "xdiag")
     generator = make_generator(seed, block.device)
     sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher")
-    Q, Z, C = sketch.basis, sketch.basis_images, sketch.removed
-    Omega, Y = sketch.probes, sketch.images
-    U = Q @ C
-    along_u = (C * (Z.T @ Omega)).sum(0)  # u_i^T A omega_i
-    correction = Omega * (Y - Q @ (Q.T @ Y) + U * along_u) - U * (Z @ C)
-    return ((Q * Z).sum(1) + correction.mean(1)).cpu().numpy()
+    Q, Z, G, C = sketch.basis, sketch.basis_images, sketch.coordinates, sketch.removed
+    num_probes = G.shape[1]
+    low_rank = ((Q - Q @ (C @ C.T) / num_probes) * Z).sum(1)
+    residual = torch.addmm(sketch.images, Q, G - C * (C * G).sum(0), alpha=-1)
+    return (low_rank + residual.mul_(sketch.probes).sum(1) / num_probes).cpu().numpy()
