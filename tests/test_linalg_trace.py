@@ -151,3 +151,16 @@ def test_xtrace_standard_error_does_not_depend_on_the_batching(monkeypatch):
     whole = xtrace(op, 30, seed=3)
     monkeypatch.setattr(trace_module, "BATCH_ELEMENTS", 1)
     assert xtrace(op, 30, seed=3) == pytest.approx(whole, rel=1e-12)
+
+
+def test_nearly_redundant_probes_do_not_count_as_unique():
+    """Rank s - 2: each sketch without one probe has a one-dimensional null space, and in about
+    one call in 25 some probe's component in it is below 1.2e-4 (the former sqrt(eps) rule called
+    that probe unique). The others still span far above the rank cutoff without it: exact value,
+    zero standard error, every seed."""
+    rank, probes = 10, 12
+    A = rotated(np.concatenate([np.linspace(1.0, 3.0, rank), np.zeros(40 - rank)]), seed=1)
+    for seed in range(60):
+        estimate = xtrace(aslinearoperator(A), 2 * probes, seed=seed)
+        assert estimate.value == pytest.approx(np.trace(A), rel=1e-10)
+        assert estimate.std_error < 1e-10 * np.trace(A)
