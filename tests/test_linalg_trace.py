@@ -29,8 +29,8 @@ def test_hutchinson_is_within_a_few_standard_errors(distribution):
 
 def test_hutchinson_standard_error_matches_theory():
     op, A, _ = dense_case("indefinite")
-    std_errors = [hutchinson_trace(op, 200, seed=seed).std_error for seed in SEEDS]
-    assert np.mean(std_errors) == pytest.approx(hutchinson_std(A, 200), rel=0.15)
+    std_errors = [hutchinson_trace(op, 100, seed=seed).std_error for seed in SEEDS]  # n = 120
+    assert np.mean(std_errors) == pytest.approx(hutchinson_std(A, 100), rel=0.15)
 
 
 def test_a_single_probe_has_no_standard_error():

@@ -1,6 +1,8 @@
 r"""Randomized estimators of the diagonal: Hutchinson's (Bekas et al., 2007) and XDiag.
 
-For Rademacher probes, :math:`E[\omega \odot A\omega] = \operatorname{diag}(A)`.
+For Rademacher probes, :math:`E[\omega \odot A\omega] = \operatorname{diag}(A)`. A budget of
+``n`` products or more buys the exact diagonal instead (:func:`exact_diagonal`), which the trace
+estimators share.
 """
 
 from __future__ import annotations
@@ -11,21 +13,44 @@ import numpy as np
 import torch
 
 from ..validation import check_num_matvecs, check_positive_int
-from .adapter import as_block_operator
+from .adapter import BlockOperator, as_block_operator
 from .probes import make_generator
 from .sketch import exchangeable_sketch
 
-__all__ = ["hutchinson_diagonal", "xdiag"]
+__all__ = ["exact_diagonal", "hutchinson_diagonal", "xdiag"]
+
+IDENTITY_BLOCK_ELEMENTS = 2**22  # entries of one block of identity columns (32 MiB in float64)
+
+
+def exact_diagonal(block: BlockOperator) -> torch.Tensor:
+    r"""The exact :math:`\operatorname{diag}(A)` from products with the ``n`` columns of the identity.
+
+    The columns are multiplied in blocks of at most ``IDENTITY_BLOCK_ELEMENTS / n`` (at least
+    one), so memory stays bounded whatever ``n``; ``n`` products in all. Returns float64 ``(n,)``
+    on the block's device.
+    """
+    n, device = block.n, block.device
+    width = max(1, IDENTITY_BLOCK_ELEMENTS // n)
+    diagonal = torch.empty(n, dtype=torch.float64, device=device)
+    for start in range(0, n, width):
+        stop = min(n, start + width)
+        columns = torch.zeros(n, stop - start, dtype=torch.float64, device=device)
+        columns[start:stop].fill_diagonal_(1.0)
+        diagonal[start:stop] = block.matmat(columns)[start:stop].diagonal()
+    return diagonal
 
 
 def hutchinson_diagonal(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
     r"""Estimate :math:`\operatorname{diag}(A) \approx \frac{1}{m}\sum_i \omega_i \odot A\omega_i`.
 
     ``num_matvecs`` Rademacher probes, multiplied as one block; returns numpy ``(n,)`` float64.
-    Entry :math:`j` has variance :math:`\frac{1}{m}\sum_{k \ne j} A_{jk}^2`.
+    Entry :math:`j` has variance :math:`\frac{1}{m}\sum_{k \ne j} A_{jk}^2`. With
+    ``num_matvecs >= n`` it returns the exact diagonal from ``n`` products instead.
     """
     block = as_block_operator(op)
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs >= block.n:
+        return exact_diagonal(block).cpu().numpy()
     probes = block.probes(num_matvecs, make_generator(seed, block.device))
     return (probes * block.matmat(probes)).mean(1).cpu().numpy()
 
@@ -53,10 +78,14 @@ def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
     :math:`s` exceeds the rank of :math:`A` (``num_matvecs >= 2 * (rank + 1)``) and the range of
     :math:`A` is not aligned with the coordinate axes (see :mod:`curvop.linalg.sketch`).
     Rademacher rather than Gaussian probes, because the Monte-Carlo part then has no error from
-    the diagonal of the remainder. Returns numpy ``(n,)`` float64; needs ``num_matvecs >= 2``.
+    the diagonal of the remainder. Returns numpy ``(n,)`` float64; needs ``num_matvecs >= 2``
+    (``>= n`` when ``n < 2``). With ``num_matvecs >= n`` it returns the exact diagonal from ``n``
+    products instead.
     """
     block = as_block_operator(op)
-    num_matvecs = check_num_matvecs(num_matvecs, 2, "xdiag")
+    num_matvecs = check_num_matvecs(num_matvecs, min(2, block.n), "xdiag")
+    if num_matvecs >= block.n:
+        return exact_diagonal(block).cpu().numpy()
     generator = make_generator(seed, block.device)
     sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher")
     Q, Z, G, C = sketch.basis, sketch.basis_images, sketch.coordinates, sketch.removed

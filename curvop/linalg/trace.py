@@ -6,6 +6,10 @@ with :math:`E[\omega\omega^\top] = I`, for which :math:`E[\omega^\top A \omega] 
 with a low-rank sketch, so that the Monte-Carlo part only sees the remainder: on a matrix with a
 decaying spectrum their error falls like :math:`1/m` instead of :math:`1/\sqrt{m}` in the number
 of products :math:`m`.
+
+Every estimator accepts any budget: with ``num_matvecs >= n`` products it returns the exact trace
+from the ``n`` columns of the identity (:func:`~curvop.linalg.diagonal.exact_diagonal`), with
+zero ``std_error`` and ``num_matvecs = n``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..validation import check_num_matvecs, check_positive_int
-from .adapter import as_block_operator
+from .adapter import BlockOperator, as_block_operator
+from .diagonal import exact_diagonal
 from .probes import make_generator
 from .sketch import ExchangeableSketch, exchangeable_sketch
 
@@ -52,6 +57,11 @@ def _mean_estimate(samples: torch.Tensor, num_matvecs: int, offset: float = 0.0)
     return Estimate(offset + float(samples.mean()), std_error, num_matvecs)
 
 
+def _exact_trace(block: BlockOperator) -> Estimate:
+    """The exact trace from the ``n`` columns of the identity: zero standard error."""
+    return Estimate(float(exact_diagonal(block).sum()), 0.0, block.n)
+
+
 def hutchinson_trace(
     op: Any, num_matvecs: int, *, distribution: str = "rademacher", seed: int | None = None
 ) -> Estimate:
@@ -62,7 +72,8 @@ def hutchinson_trace(
     op
         A square SciPy ``LinearOperator`` (a curvop operator runs in torch on its device).
     num_matvecs
-        Number of probes :math:`m` (products), all multiplied as one block.
+        Number of probes :math:`m` (products), all multiplied as one block; from ``n`` on, the
+        exact trace from ``n`` products.
     distribution
         ``"rademacher"``, ``"gaussian"`` or ``"sparse_rademacher"`` (see ``draw_probes``).
     seed
@@ -77,6 +88,8 @@ def hutchinson_trace(
     """
     block = as_block_operator(op)
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+    if num_matvecs >= block.n:
+        return _exact_trace(block)
     probes = block.probes(num_matvecs, make_generator(seed, block.device), distribution)
     return _mean_estimate((probes * block.matmat(probes)).sum(0), num_matvecs)
 
@@ -92,10 +105,13 @@ def hutchpp_trace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Esti
         + \frac{1}{g} \operatorname{tr}\big(G^\top (I - QQ^\top) A (I - QQ^\top) G\big).
 
     ``std_error`` is that of the second (Monte-Carlo) term. Two block products: :math:`AS`, then
-    :math:`A[Q, (I - QQ^\top)G]`. Needs ``num_matvecs >= 3``.
+    :math:`A[Q, (I - QQ^\top)G]`. Needs ``num_matvecs >= 3`` (``>= n`` when ``n < 3``); from
+    ``n`` on, the exact trace from ``n`` products.
     """
     block = as_block_operator(op)
-    num_matvecs = check_num_matvecs(num_matvecs, 3, "hutchpp_trace")
+    num_matvecs = check_num_matvecs(num_matvecs, min(3, block.n), "hutchpp_trace")
+    if num_matvecs >= block.n:
+        return _exact_trace(block)
     generator = make_generator(seed, block.device)
     rank = num_matvecs // 3
     basis = torch.linalg.qr(block.matmat(block.probes(rank, generator))).Q
@@ -224,7 +240,8 @@ def xtrace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Estimate:
     almost surely, thanks to Gaussian probes, even when the range of :math:`A` is aligned with
     the coordinate axes), with zero ``std_error`` once :math:`s - 2` probes span the range too
     (``num_matvecs >= 2 * (rank + 2)``); it then spends only :math:`s + \mathrm{rank}`
-    products, reported in ``num_matvecs``. Needs ``num_matvecs >= 2``.
+    products, reported in ``num_matvecs``. Needs ``num_matvecs >= 2`` (``>= n`` when ``n < 2``);
+    from ``n`` on, the exact trace from ``n`` products.
 
     Notes
     -----
@@ -242,7 +259,9 @@ def xtrace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Estimate:
     ``n``-sized memory beyond the sketch.
     """
     block = as_block_operator(op)
-    num_matvecs = check_num_matvecs(num_matvecs, 2, "xtrace")
+    num_matvecs = check_num_matvecs(num_matvecs, min(2, block.n), "xtrace")
+    if num_matvecs >= block.n:
+        return _exact_trace(block)
     generator = make_generator(seed, block.device)
     sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "gaussian")
     Q, Z, Omega = sketch.basis, sketch.basis_images, sketch.probes
