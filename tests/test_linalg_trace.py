@@ -136,6 +136,21 @@ def test_xtrace_matches_its_definition(rank, n, probes):
     assert (std_error == pytest.approx(0.0, abs=1e-10 * scale)) == (rank < probes - 1)
 
 
+@pytest.mark.parametrize(
+    ("estimate", "text"),
+    [
+        (Estimate(12.718634, 0.4512, 60), "Estimate(value=12.7186 ± 0.45, num_matvecs=60)"),
+        (Estimate(10.0, 0.0, 4), "Estimate(value=10 ± 0, num_matvecs=4)"),
+        (Estimate(0.1234567, 3.14159e-9, 80), "Estimate(value=0.123457 ± 3.1e-09, num_matvecs=80)"),
+        (Estimate(-3.5e8, 1234.5, 7), "Estimate(value=-3.5e+08 ± 1200, num_matvecs=7)"),
+        (Estimate(2.0, float("nan"), 1), "Estimate(value=2 ± nan, num_matvecs=1)"),
+    ],
+)
+def test_estimate_prints_short(estimate, text):
+    assert repr(estimate) == str(estimate) == text
+    assert estimate._replace(num_matvecs=5).num_matvecs == 5 and estimate[2] == estimate.num_matvecs
+
+
 def test_estimate_unpacks_like_a_named_tuple():
     from scipy.sparse.linalg import aslinearoperator
 

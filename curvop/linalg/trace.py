@@ -31,7 +31,8 @@ __all__ = ["Estimate", "hutchinson_trace", "hutchpp_trace", "xtrace"]
 class Estimate(NamedTuple):
     """A randomized estimate with its standard error; ``float(estimate)`` is its value.
 
-    A named tuple, so ``value, std_error, num_matvecs = estimate`` works too.
+    A named tuple, so ``value, std_error, num_matvecs = estimate`` works too; it prints short,
+    as ``Estimate(value=12.7186 ± 0.45, num_matvecs=60)`` (the attributes keep full precision).
 
     Attributes
     ----------
@@ -48,6 +49,11 @@ class Estimate(NamedTuple):
 
     def __float__(self) -> float:
         return self.value
+
+    def __repr__(self) -> str:
+        """``Estimate(value=12.7186 ± 0.45, num_matvecs=60)``: 6 and 2 significant digits."""
+        std_error = float(f"{self.std_error:.2g}")  # 130, not 1.3e+02
+        return f"Estimate(value={self.value:.6g} ± {std_error:g}, num_matvecs={self.num_matvecs})"
 
 
 def _mean_estimate(samples: torch.Tensor, num_matvecs: int, offset: float = 0.0) -> Estimate:
