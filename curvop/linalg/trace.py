@@ -229,7 +229,7 @@ def xtrace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Estimate:
 
     The :math:`t_i` share the sketch, so they are positively correlated and the naive
     :math:`S/\sqrt{s}` (:math:`S` their sample standard deviation) is too small, while a
-    jackknife over the probes is far too large (on decaying spectra, 3 to 4 times the true
+    jackknife over the probes is far too large (on decaying spectra, 2 to 4 times the true
     error: it also counts how much one probe less worsens the sketch). ``std_error`` adds the
     covariance of two samples, estimated from the same products by leaving out a second probe
     (:math:`t_i^{(k)}`, sample ``i`` without probe ``k``):
@@ -240,7 +240,9 @@ def xtrace(op: Any, num_matvecs: int, *, seed: int | None = None) -> Estimate:
 
     unbiased without the absolute value, conservative with it (details in
     ``_xtrace_std_error``); NaN for ``s = 1``. Like any standard error from ``s`` samples it is
-    itself noisy for small ``s``: ±2 ``std_error`` covers about 95% from ``s`` of about 10 on.
+    itself noisy for small ``s``: as for a t-statistic, ±2 ``std_error`` covered 92% of 1000
+    runs at ``s = 10`` and 93-95% at ``s = 20`` or more (decaying, indefinite, flat and
+    regression-like spectra).
 
     Exact when :math:`s` exceeds the rank of :math:`A` (``num_matvecs >= 2 * (rank + 1)``;
     almost surely, thanks to Gaussian probes, even when the range of :math:`A` is aligned with
