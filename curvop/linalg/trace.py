@@ -166,7 +166,7 @@ def _leave_one_out_samples(
     return low_rank + d - 2 * (T * projected).sum(-2) + (projected * (H @ projected)).sum(-2)
 
 
-BATCH_ELEMENTS = 2**22  # the (b, r, s) arrays of one batch of left-out probes stay this small
+BATCH_ELEMENTS = 2**22  # the (b, s, s) arrays of one batch of left-out probes stay this small
 
 
 def _xtrace_std_error(
@@ -195,13 +195,13 @@ def _xtrace_std_error(
     With :math:`\hat C` in place of :math:`|\hat C|` the estimate is unbiased; the absolute
     value makes it conservative where :math:`\hat C` is noisy (a sketch that captures the large
     eigenvalues with ``s - 1`` probes but not with ``s - 2``). The left-out probes go in batches
-    of at most ``BATCH_ELEMENTS / (r s)``.
+    of at most ``BATCH_ELEMENTS / s^2`` (the SVDs' right singular vectors are ``s x s``).
     """
-    rank, num_probes = W.shape
+    num_probes = len(samples)
     if num_probes < 2:
         return math.nan
     indices = torch.arange(num_probes, device=W.device)
-    batch = max(1, BATCH_ELEMENTS // max(1, rank * num_probes))
+    batch = max(1, BATCH_ELEMENTS // num_probes**2)
     leave_two_out = torch.cat(
         [
             _leave_one_out_samples(H, W, T, d, *sketch.leave_two_out(left_out))
