@@ -74,7 +74,7 @@ def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
         \odot Z_{:k} + \frac{1}{s} \sum_i \omega_i \odot \big(Y - Q(G - C
         \operatorname{diag}(c_i^\top g_i))\big)_{:i},
 
-    from the two block products of the sketch, with two ``(n, s)`` temporaries. Exact when
+    from the two block products of the sketch, with one ``(n, s)`` temporary. Exact when
     :math:`s` exceeds the rank of :math:`A` (``num_matvecs >= 2 * (rank + 1)``) and the range of
     :math:`A` is not aligned with the coordinate axes (see :mod:`curvop.linalg.sketch`).
     Rademacher rather than Gaussian probes, because the Monte-Carlo part then has no error from
