@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -43,6 +43,21 @@ def isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
         if cuda_devices:
             torch.cuda.default_generators[device.index or 0].manual_seed(seed)
         yield
+
+
+def differentiable_attention() -> AbstractContextManager:
+    """Run ``F.scaled_dot_product_attention`` with PyTorch's math backend.
+
+    Its fused backends (flash, memory-efficient) have backward passes without derivatives of
+    their own, so a Hessian or GGN product through a transformer raised "derivative for
+    aten::_scaled_dot_product_flash_attention..._backward is not implemented". The math backend
+    computes the same attention with differentiable operations (more memory for long sequences).
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no fused-backend selection to undo
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def check_scalar_loss(loss: Any, where: str) -> torch.Tensor:
@@ -193,7 +208,7 @@ class ModelObjective:
             state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
             batch = batch.cast(dtype)
         args, kwargs = batch.model_args()
-        with isolated_rng(self.params[0].device, batch.index):
+        with isolated_rng(self.params[0].device, batch.index), differentiable_attention():
             try:
                 output = functional_call(self.model, state, args, kwargs, tie_weights=False)
             except Exception as error:

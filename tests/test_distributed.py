@@ -176,7 +176,7 @@ def test_a_failing_rank_makes_every_rank_raise_quickly(tmp_path):
             assert seconds < TIMEOUT_S / 4, f"{name}: rank {rank} waited {seconds:.1f} s"
         assert outcomes["still usable"][0] is None  # the group survives a failed product
     # the failing rank raises its own error; the other quotes it
-    assert by_name[1]["model raises"][:2] == ("KeyError", "'rank 1 broke'")
+    assert by_name[1]["model raises"][:2] == ["KeyError", "'rank 1 broke'"]
     kind, message, _ = by_name[0]["model raises"]
     assert kind == "DistributedError" and "rank 1" in message and "rank 1 broke" in message
     assert by_name[0]["data changed"][0] == "RuntimeError"

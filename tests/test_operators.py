@@ -411,3 +411,31 @@ def test_matmul_with_a_three_dimensional_array_names_the_shape():
     with pytest.raises(ValueError, match=r"must have shape .*got \(\d+, 1, 1\)"):
         op @ np.ones((op.shape[0], 1, 1))
     assert (op @ np.ones((op.shape[0], 2))).shape == (op.shape[0], 2)
+
+
+class TinyAttention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention, whose fused CPU/GPU backends have
+    no double backward (a Hessian product raised "derivative ... not implemented")."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (batch, tokens, 4) -> two heads of 2 -> (batch * tokens, 3)
+        heads = [t.unflatten(-1, (2, 2)).transpose(1, 2) for t in self.qkv(x).split(4, dim=-1)]
+        y = nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+        return self.head(y.transpose(1, 2).flatten(2)).flatten(0, 1)
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GaussNewtonOperator])
+def test_scaled_dot_product_attention_models_have_exact_products(cls):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyAttention().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    case = Case("attention", model, nn.CrossEntropyLoss(), (x, y), "mean")
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # the truth too
+        truth = (dense_hessian if cls is HessianOperator else dense_ggn)(case).numpy()
+    assert relative_error(cls(model, nn.CrossEntropyLoss(), (x, y)).to_dense(), truth) < 1e-10

@@ -81,9 +81,10 @@ class BlockOperator:
         """Machine epsilon of the products' precision."""
         return torch.finfo(self.dtype).eps
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``A V`` for a float64 ``(n, k)`` block: computed in ``dtype``, returned as float64."""
-        return self.product(V.to(self.dtype)).to(torch.float64)
+    def matmat(self, V: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``A V`` for an ``(n, k)`` block: computed in the operator's ``dtype``, returned in
+        ``dtype`` (float64 by default)."""
+        return self.product(V.to(self.dtype)).to(dtype)
 
     def check_symmetric(self, generator: torch.Generator) -> None:
         """Raise ``ValueError`` if two random vectors show more asymmetry than allowed (one
@@ -93,17 +94,22 @@ class BlockOperator:
             raise_not_symmetric(gap, self.symmetry_tolerance)
 
     def probes(
-        self, k: int, generator: torch.Generator, distribution: str = "rademacher"
+        self,
+        k: int,
+        generator: torch.Generator,
+        distribution: str = "rademacher",
+        dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
-        r"""``k`` float64 probe columns on ``device`` with :math:`E[zz^\top] = I`."""
+        r"""``k`` probe columns of ``dtype`` on ``device`` with :math:`E[zz^\top] = I`."""
         return draw_probes(
-            self.n,
-            k,
-            distribution=distribution,
-            generator=generator,
-            dtype=torch.float64,
+            self.n, k, distribution=distribution, generator=generator, dtype=dtype,
             device=self.device,
-        )
+        )  # fmt: skip
+
+    def working_dtype(self, vectors: int, memory_gb: float) -> torch.dtype:
+        """float64 if ``vectors`` of length ``n`` fit in ``memory_gb``, else the operator's own
+        dtype (half the memory for float32; its products carry no more precision anyway)."""
+        return torch.float64 if vectors * self.n * 8 <= memory_gb * 2**30 else self.dtype
 
 
 def raise_not_symmetric(gap: float, tolerance: float) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator
 from .checks import check_choice
 from .lanczos import LanczosRun, lanczos_block
+from .probes import probe_chunks
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -163,14 +163,6 @@ def basis_plan(
     )
 
 
-def _probe_chunks(
-    block: BlockOperator, generator: torch.Generator, num_probes: int, chunk: int
-) -> Iterator[torch.Tensor]:
-    """The probes, ``chunk`` at a time, drawn in order (the same probes whatever ``chunk``)."""
-    for first in range(0, num_probes, chunk):
-        yield block.probes(min(chunk, num_probes - first), generator)
-
-
 def _slq(
     block: BlockOperator,
     generator: torch.Generator,
@@ -183,7 +175,7 @@ def _slq(
     dtype, chunk = basis_plan(block, min(num_steps, block.n), num_probes, memory_gb)
     runs = [
         _quadrature(lanczos_block(block, probes, num_steps, dtype), num_steps)
-        for probes in _probe_chunks(block, generator, num_probes, chunk)
+        for probes in probe_chunks(block, generator, num_probes, chunk)
     ]
     nodes, weights = (np.concatenate(parts) for parts in zip(*runs, strict=True))
     low, high = float(nodes.min()), float(nodes.max())
@@ -257,7 +249,7 @@ def _kpm(
     memory_gb: float,
 ) -> SpectralDensity:
     chunk = max(1, int(memory_gb * 2**30 // (KPM_VECTORS * block.n * 8)))
-    chunks = _probe_chunks(block, generator, num_probes, chunk)
+    chunks = probe_chunks(block, generator, num_probes, chunk)
     first = next(chunks)
     low, high = _spectrum_bounds(block, first[:, :1])
     margin = MARGIN * ((high - low) or max(abs(low), abs(high), 1.0))

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..validation import check_num_matvecs, check_positive_int
+from ..progress import counting
+from ..validation import check_num_matvecs, check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator
-from .probes import make_generator
-from .sketch import exchangeable_sketch
+from .probes import probe_chunks
+from .sketch import SKETCH_VECTORS, exchangeable_sketch
 
 __all__ = ["exact_diagonal", "hutchinson_diagonal", "xdiag"]
 
@@ -40,22 +41,44 @@ def exact_diagonal(block: BlockOperator) -> torch.Tensor:
     return diagonal
 
 
-def hutchinson_diagonal(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
+def hutchinson_diagonal(
+    op: Any,
+    num_matvecs: int,
+    *,
+    seed: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+) -> np.ndarray:
     r"""Estimate :math:`\operatorname{diag}(A) \approx \frac{1}{m}\sum_i \omega_i \odot A\omega_i`.
 
-    ``num_matvecs`` Rademacher probes, multiplied as one block; returns numpy ``(n,)`` float64.
-    Entry :math:`j` has variance :math:`\frac{1}{m}\sum_{k \ne j} A_{jk}^2`. With
-    ``num_matvecs >= n`` it returns the exact diagonal from ``n`` products instead.
+    ``num_matvecs`` Rademacher probes, multiplied as one block where ``memory_gb`` (1 GiB) holds
+    them and their products, in chunks otherwise (the same probes, the same estimate); returns
+    numpy ``(n,)`` float64. Entry :math:`j` has variance :math:`\frac{1}{m}\sum_{k \ne j}
+    A_{jk}^2`. With ``num_matvecs >= n`` it returns the exact diagonal from ``n`` products
+    instead. ``progress`` shows a bar of the products (see :mod:`curvop.progress`).
     """
     block = as_block_operator(op)
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
-    if num_matvecs >= block.n:
-        return exact_diagonal(block).cpu().numpy()
-    probes = block.probes(num_matvecs, make_generator(seed, block.device))
-    return (probes * block.matmat(probes)).mean(1).cpu().numpy()
+    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
+    with counting(block, progress, min(num_matvecs, block.n), "diagonal (Hutchinson)") as block:
+        if num_matvecs >= block.n:
+            return exact_diagonal(block).cpu().numpy()
+        generator = block.generator(seed)
+        chunk = max(1, int(memory_gb * 2**30 // (2 * 8 * block.n)))
+        total = torch.zeros(block.n, dtype=torch.float64, device=block.device)
+        for probes in probe_chunks(block, generator, num_matvecs, chunk):
+            total += (probes * block.matmat(probes)).sum(1)
+    return (total / num_matvecs).cpu().numpy()
 
 
-def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
+def xdiag(
+    op: Any,
+    num_matvecs: int,
+    *,
+    seed: int | None = None,
+    memory_gb: float = 1.0,
+    progress: bool = False,
+) -> np.ndarray:
     r"""XDiag (Epperly, Tropp & Webber, 2024), the exchangeable diagonal estimator.
 
     With :math:`s = \lfloor m/2 \rfloor` Rademacher probes and the leave-one-out projectors
@@ -80,16 +103,22 @@ def xdiag(op: Any, num_matvecs: int, *, seed: int | None = None) -> np.ndarray:
     Rademacher rather than Gaussian probes, because the Monte-Carlo part then has no error from
     the diagonal of the remainder. Returns numpy ``(n,)`` float64; needs ``num_matvecs >= 2``
     (``>= n`` when ``n < 2``). With ``num_matvecs >= n`` it returns the exact diagonal from ``n``
-    products instead.
+    products instead. The sketch's four ``(n, s)`` arrays are float64 while ``memory_gb`` (1 GiB)
+    holds them, else in the operator's dtype; ``progress`` shows a bar of the products.
     """
     block = as_block_operator(op)
     num_matvecs = check_num_matvecs(num_matvecs, min(2, block.n), "xdiag")
-    if num_matvecs >= block.n:
-        return exact_diagonal(block).cpu().numpy()
-    generator = make_generator(seed, block.device)
-    sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher")
-    Q, Z, G, C = sketch.basis, sketch.basis_images, sketch.coordinates, sketch.removed
+    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
+    with counting(block, progress, min(num_matvecs, block.n), "diagonal (XDiag)") as block:
+        if num_matvecs >= block.n:
+            return exact_diagonal(block).cpu().numpy()
+        generator = block.generator(seed)
+        dtype = block.working_dtype(SKETCH_VECTORS * (num_matvecs // 2), memory_gb)
+        sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "rademacher", dtype)
+    Q, Z, probes = sketch.basis, sketch.basis_images, sketch.probes
+    G, C = sketch.coordinates.to(dtype), sketch.removed.to(dtype)
     num_probes = G.shape[1]
     low_rank = ((Q - Q @ (C @ C.T) / num_probes) * Z).sum(1)
     residual = torch.addmm(sketch.images, Q, G - C * (C * G).sum(0), alpha=-1)
-    return (low_rank + residual.mul_(sketch.probes).sum(1) / num_probes).cpu().numpy()
+    diagonal = low_rank + residual.mul_(probes).sum(1) / num_probes
+    return diagonal.double().cpu().numpy()

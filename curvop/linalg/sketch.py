@@ -43,7 +43,9 @@ import torch
 
 from .adapter import BlockOperator
 
-__all__ = ["ExchangeableSketch", "exchangeable_sketch"]
+__all__ = ["SKETCH_VECTORS", "ExchangeableSketch", "exchangeable_sketch"]
+
+SKETCH_VECTORS = 4  # (n, s) arrays a sketch holds: probes, images, basis, basis images
 
 
 def _removed_directions(sigma: torch.Tensor, V: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -140,16 +142,23 @@ class ExchangeableSketch:
 
 
 def exchangeable_sketch(
-    block: BlockOperator, num_probes: int, generator: torch.Generator, distribution: str
+    block: BlockOperator,
+    num_probes: int,
+    generator: torch.Generator,
+    distribution: str,
+    dtype: torch.dtype = torch.float64,
 ) -> ExchangeableSketch:
-    """Sketch ``block`` with ``num_probes < n`` probes: two block products, float64 throughout.
+    """Sketch ``block`` with ``num_probes < n`` probes: two block products.
 
-    The probes follow ``distribution`` (see ``draw_probes``). Singular values at or below
-    ``10 * num_probes * eps`` (of the operator's dtype) times the largest count as zero.
+    The ``(n, s)`` arrays (probes, images, basis and its images) are kept in ``dtype`` (float64,
+    or the operator's dtype to halve their memory on large models); the small ``s x s`` ones
+    are float64. The probes follow ``distribution`` (see ``draw_probes``). Singular values at or
+    below ``10 * num_probes * eps`` (of the operator's dtype) times the largest count as zero.
     """
-    probes = block.probes(num_probes, generator, distribution)
-    images = block.matmat(probes)
+    probes = block.probes(num_probes, generator, distribution, dtype)
+    images = block.matmat(probes, dtype)
     U, sigma, Vh = torch.linalg.svd(images, full_matrices=False)
+    sigma, Vh = sigma.double(), Vh.double()
     cutoff = 10 * num_probes * block.eps * float(sigma[0])
     rank = int((sigma > cutoff).sum())
     basis = U[:, :rank]
@@ -157,7 +166,7 @@ def exchangeable_sketch(
         probes,
         images,
         basis,
-        block.matmat(basis),
+        block.matmat(basis, dtype),
         sigma[:rank, None] * Vh[:rank],
         _removed_directions(sigma, Vh.mT, cutoff)[:rank],
         cutoff,
