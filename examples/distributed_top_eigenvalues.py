@@ -38,9 +38,10 @@ def main() -> None:
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)  # the same threads on every rank: bitwise the same linear algebra
-    device = torch.device(
-        f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.backend == "nccl" else "cpu"
-    )
+    device = torch.device("cpu")
+    if args.backend == "nccl":  # one GPU per rank, set before any collective
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
 
     problem = load_problem()  # a 64-32-10 tanh MLP trained on digits; the same on every rank
     model = problem.model.to(device)
