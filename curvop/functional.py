@@ -19,7 +19,7 @@ from .layout import as_tensor_list
 from .linalg.trace import hutchinson_trace
 from .objective import ClosureObjective, ModelObjective, resolve_params
 from .operators.base import CurvatureOperator
-from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernel
+from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernels
 from .operators.gauss_newton import gauss_newton_columns
 from .operators.hessian import hessian_columns
 from .validation import check_positive_int, check_real
@@ -78,7 +78,7 @@ def approximate_hvp(
     damping = check_real(damping, "damping")
     objective = ClosureObjective(func, params, num_samples=num_samples, seed=seed)
     operator = FiniteDifferenceHessianOperator._from_parts(
-        objective, _kernel(None, "central", None)
+        objective, _kernels(None, "central", None)["central"]
     )
     product = _multiply(operator, v)
     if damping:

@@ -180,6 +180,12 @@ def test_a_single_vector_runs_where_blocks_do_not_pay():
     assert set(widths) == {1}
 
 
+def test_cheap_operators_keep_blocks_so_that_reruns_take_the_same_path():
+    op, widths = timed_hessian({1: 0.01, 4: 0.0095})  # 10 ms a column: noise-sized timings
+    top_eigenvalues(op, 3, seed=0)
+    assert widths[:3] == [1, 4, 4]
+
+
 def test_smallest_eigenvalues_keep_blocks_whatever_they_cost():
     op, widths = timed_hessian({1: 1.0, 4: 0.95})
     top_eigenvalues(op, 3, which="SA", seed=0)

@@ -412,7 +412,7 @@ def test_help_shows_each_operators_own_parameters(cls, own):
 
     text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
     assert "Initialize this LinearOperator" not in text
-    head = text[: text.index("Methods defined here")]
+    head = text[: text.index(" |  " + "-" * 20)]  # the class docstring, before the methods
     for name in ("model", "loss_fn", "data", "params", "reduction", "process_group", own):
         assert f"\n |  {name}" in head or f" {name}," in head or f"{name}\n" in head, name
 

@@ -56,17 +56,17 @@ class BlockOperator:
         """Whether the operator times its products (curvop operators do; SciPy's do not)."""
         return self.column_seconds is not None
 
-    def block_efficiency(self, k: int) -> float | None:
-        """Measured cost of a column in a ``k``-column block relative to a column alone (``None``
-        until both widths were multiplied); the mean over the ranks of a process group, so that
-        every rank takes the same decision from it."""
+    def block_costs(self, k: int) -> tuple[float, float] | None:
+        """Measured seconds of a column alone, and the cost of a column in a ``k``-column block
+        relative to it (``None`` until both widths were multiplied); means over the ranks of a
+        process group, so that every rank takes the same decision from them."""
         block, single = self.column_seconds(k), self.column_seconds(1)
         if block is None or single is None:
             return None
-        efficiency = block / single
+        costs = [single, block / single]
         if self.process_group is not None:
-            efficiency = mean_over_ranks([efficiency], self.process_group, self.device)[0]
-        return efficiency
+            costs = mean_over_ranks(costs, self.process_group, self.device)
+        return costs[0], costs[1]
 
     def generator(self, seed: int | None, device: torch.device | str | None = None):
         """A private generator on ``device`` (default: the operator's) seeded with ``seed``; with

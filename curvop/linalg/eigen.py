@@ -53,6 +53,7 @@ GUARD = 1  # block columns beyond k
 BASIS = 120  # default basis size (ncv) at most, when the memory budget allows
 SINGLE_BASIS = 20  # the least basis of single-vector Lanczos (ARPACK's default ncv)
 BLOCK_PAYS = 0.6  # blocks are used when a column in a block costs at most this of one alone
+CHEAP_COLUMN = 0.05  # seconds on the first batch: below it, always blocks (see _choose_width)
 
 
 def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
@@ -183,18 +184,21 @@ def _choose_width(
     block Lanczos spends about ``1 / BLOCK_PAYS`` as many column products as a single vector on
     well separated eigenvalues. The costs come from the operator's own timings; if the widths
     were never multiplied, the first column and then the whole block are (one column's work is
-    wasted if blocks pay, the block's if not: once per operator). ``"SA"`` keeps blocks: its end
-    is where a Hessian's or GGN's degenerate cluster lies, which one vector sees only once.
+    wasted if blocks pay, the block's if not: once per operator). Blocks are kept for
+    ``"SA"``, whose end is where a Hessian's or GGN's degenerate cluster lies (one vector sees
+    it only once), and for operators whose column costs less than ``CHEAP_COLUMN`` seconds:
+    there the choice saves little time, and timings that noisy would make reruns take
+    different paths.
     """
     p = start.shape[1]
     if which == "SA" or p == 1 or not block.measures_cost:
         return start, None
-    efficiency = block.block_efficiency(p)
+    costs = block.block_costs(p)
     single = image = None
-    if efficiency is None:
+    if costs is None:
         single, image = block.matmat(start[:, :1]), block.matmat(start)
-        efficiency = block.block_efficiency(p)
-    if efficiency is not None and efficiency > BLOCK_PAYS:
+        costs = block.block_costs(p)
+    if costs is not None and costs[0] >= CHEAP_COLUMN and costs[1] > BLOCK_PAYS:
         return start[:, :1], single
     return start, image
 

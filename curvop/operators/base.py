@@ -18,7 +18,7 @@ from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolv
 from ..progress import bar
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from ..validation import check_positive_int, check_real, check_seed
-from .kernels import Kernel, KernelChoice, Selection
+from .kernels import AUTO, Kernel, KernelChoice, Selection
 
 __all__ = ["CurvatureOperator", "resolve_reduction"]
 
@@ -150,6 +150,7 @@ class CurvatureOperator(LinearOperator):
         The ``torch.distributed`` group the data is sharded over, or ``None``.
     """
 
+    kernels: dict[str, Kernel]  # the candidate kernels, the reference first; set by subclasses
     accuracy: float = 0.0
     max_block_columns: int = 64
 
@@ -162,15 +163,16 @@ class CurvatureOperator(LinearOperator):
         *,
         reduction: str | None = None,
         output: OutputSelector = None,
-        kernel: KernelChoice,
+        kernel: str = AUTO,
         process_group: Any = None,
     ):
-        """The shared constructor of the curvature operators (see each subclass for the
-        parameters)."""
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring)."""
         objective = ModelObjective(model, loss_fn, data, resolve_params(model, params), output)
         warn_active_dropout(model)
         reduction = resolve_reduction(loss_fn, reduction)
-        self._setup(objective, kernel, reduction, check_group(process_group))
+        choice = KernelChoice(self.kernels, kernel)
+        self._setup(objective, choice, reduction, check_group(process_group))
 
     def _setup(
         self, objective: Objective, kernel: KernelChoice, reduction: str, process_group: Any = None

@@ -15,7 +15,7 @@ from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective, OutputSelector
 from ..validation import check_real
 from .base import CurvatureOperator
-from .kernels import KernelChoice
+from .kernels import Kernel, KernelChoice
 
 __all__ = [
     "FiniteDifferenceHessianOperator",
@@ -145,13 +145,14 @@ def finite_difference_columns(
     return [torch.stack(column).to(params[0].dtype) for column in zip(*products, strict=True)]
 
 
-def _kernel(eps: float | None, scheme: str, dtype: torch.dtype | None) -> KernelChoice:
+def _kernels(eps: float | None, scheme: str, dtype: torch.dtype | None) -> dict[str, Kernel]:
     """The one kernel of a finite-difference operator (timed like the others' candidates)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     eps = None if eps is None else check_real(eps, "eps", positive=True)
-    kernel = functools.partial(finite_difference_columns, eps=eps, scheme=scheme, dtype=dtype)
-    return KernelChoice({scheme: kernel})
+    return {
+        scheme: functools.partial(finite_difference_columns, eps=eps, scheme=scheme, dtype=dtype)
+    }
 
 
 class FiniteDifferenceHessianOperator(CurvatureOperator):
@@ -228,10 +229,10 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         described in the class docstring above)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        dtype = torch.float64 if precision == "float64" else None
+        self.kernels = _kernels(eps, scheme, torch.float64 if precision == "float64" else None)
         super().__init__(
             model, loss_fn, data, params, reduction=reduction, output=output,
-            kernel=_kernel(eps, scheme, dtype), process_group=process_group,
+            process_group=process_group,
         )  # fmt: skip
         if precision == "native" and self.layout.dtype != torch.float64:
             self.accuracy = ACCURACY["native"]
@@ -251,7 +252,9 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         also when ``func`` raises. A closure reads its parameters and data itself, so the
         gradients are evaluated in the parameters' own dtype (``precision="native"``).
         """
-        operator = cls._from_parts(ClosureObjective(func, params), _kernel(eps, scheme, None))
+        operator = cls._from_parts(
+            ClosureObjective(func, params), KernelChoice(_kernels(eps, scheme, None))
+        )
         if operator.layout.dtype != torch.float64:
             operator.accuracy = ACCURACY["native"]
         return operator

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ModelObjective, OutputSelector
+from ..objective import ModelObjective
 from .base import CurvatureOperator
-from .kernels import AUTO, KernelChoice
 
 __all__ = ["GaussNewtonOperator", "gauss_newton_columns", "gauss_newton_columns_forward"]
 
@@ -135,21 +132,4 @@ class GaussNewtonOperator(CurvatureOperator):
     >>> step = curvop.solve_damped(G, torch.ones(G.shape[0]), damping=1e-2).x
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-        output: OutputSelector = None,
-        kernel: str = AUTO,
-        process_group: Any = None,
-    ):
-        """Build the operator: no product and no pass over the data yet (the parameters are
-        described in the class docstring above)."""
-        super().__init__(
-            model, loss_fn, data, params, reduction=reduction, output=output,
-            kernel=KernelChoice(KERNELS, kernel), process_group=process_group,
-        )  # fmt: skip
+    kernels = KERNELS

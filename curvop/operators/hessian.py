@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ClosureObjective, ModelObjective, OutputSelector
+from ..objective import ClosureObjective, ModelObjective
 from .base import CurvatureOperator
 from .kernels import AUTO, KernelChoice
 
@@ -118,24 +116,7 @@ class HessianOperator(CurvatureOperator):
     >>> top = eigsh(H, k=1, which="LA", return_eigenvectors=False)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-        output: OutputSelector = None,
-        kernel: str = AUTO,
-        process_group: Any = None,
-    ):
-        """Build the operator: no product and no pass over the data yet (the parameters are
-        described in the class docstring above)."""
-        super().__init__(
-            model, loss_fn, data, params, reduction=reduction, output=output,
-            kernel=KernelChoice(KERNELS, kernel), process_group=process_group,
-        )  # fmt: skip
+    kernels = KERNELS
 
     @classmethod
     def from_function(
