@@ -256,7 +256,8 @@ def top_eigenvalues(
         ARPACK: fewer column products on separated eigenvalues, but a degenerate eigenvalue may
         come back with fewer copies). Default (``None``): blocks for ``"SA"`` and for operators
         whose cost is not measured (SciPy operators); otherwise measured: blocks where a column
-        in a block of ``k + 1`` costs at most ``0.6`` of a column alone (see :func:`_choose_width`).
+        in a block of ``k + 1`` costs at most ``0.6`` of a column alone, or a column less than
+        50 ms (see :func:`_choose_width`).
     memory_gb
         Budget for the float64 basis when ``ncv`` is not given (default 1 GiB).
     progress
