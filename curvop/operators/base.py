@@ -215,9 +215,10 @@ class CurvatureOperator(LinearOperator):
         """Multiply a torch ``(n,)`` or ``(n, k)`` tensor, on the parameters' device and dtype.
 
         All ``k`` columns (up to ``max_block_columns``) are multiplied in a single pass over the
-        data. Works inside
-        ``torch.no_grad()`` and ``torch.inference_mode()`` blocks: the kernels differentiate
-        with autograd enabled locally.
+        data. Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks: the kernels
+        differentiate with autograd enabled locally. With a ``process_group``, one all-reduce
+        completes the product; the host reads two scalars per product (the finiteness check and
+        the ranks' failure flag), the product itself stays on the device.
         """
         V = self.layout.check_vector(V, "V")
         block = V if V.dim() == 2 else V.unsqueeze(1)
