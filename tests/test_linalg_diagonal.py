@@ -58,3 +58,16 @@ def test_xdiag_matches_its_leave_one_out_definition():
     np.testing.assert_allclose(
         xdiag(aslinearoperator(A), 2 * probes, seed=2), np.mean(estimates, axis=0), atol=1e-12
     )
+
+
+def test_diagonal_estimators_under_a_small_memory_budget():
+    op, A, _ = dense_case("decaying", dtype=np.float32)
+    np.testing.assert_allclose(
+        hutchinson_diagonal(op, 20, seed=0, memory_gb=2 * 2 * 8 * 120 / 2**30),
+        hutchinson_diagonal(op, 20, seed=0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        xdiag(op, 40, seed=0, memory_gb=1e-6), xdiag(op, 40, seed=0), rtol=1e-3, atol=1e-4
+    )

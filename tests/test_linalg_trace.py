@@ -179,3 +179,22 @@ def test_nearly_redundant_probes_do_not_count_as_unique():
         estimate = xtrace(aslinearoperator(A), 2 * probes, seed=seed)
         assert estimate.value == pytest.approx(np.trace(A), rel=1e-10)
         assert estimate.std_error < 1e-10 * np.trace(A)
+
+
+def test_a_small_memory_budget_streams_hutchinsons_probes_with_the_same_estimate():
+    op, _, _ = dense_case("indefinite")
+    whole = hutchinson_trace(op, 30, seed=3)
+    streamed = hutchinson_trace(op, 30, seed=3, memory_gb=3 * 2 * 8 * 120 / 2**30)  # 3 at a time
+    assert streamed.value == pytest.approx(whole.value, rel=1e-12)
+    assert streamed.std_error == pytest.approx(whole.std_error, rel=1e-12)
+
+
+@pytest.mark.parametrize("estimator", [hutchpp_trace, xtrace])
+def test_sketches_in_the_operators_dtype_when_float64_does_not_fit(estimator):
+    """A float32 operator with a budget too small for float64 sketches: float32 arrays, and an
+    estimate as good (its error is statistical, far above float32 rounding)."""
+    op, _, eigenvalues = dense_case("decaying", dtype=np.float32)
+    tight = estimator(op, 40, seed=0, memory_gb=1e-6)
+    roomy = estimator(op, 40, seed=0)
+    assert tight.value == pytest.approx(roomy.value, rel=1e-4)
+    assert abs(tight.value - eigenvalues.sum()) <= 4 * tight.std_error + 1e-4 * eigenvalues.sum()

@@ -21,6 +21,8 @@ from ..operators.base import CurvatureOperator
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from .probes import draw_probes, make_generator
 
+NARROW_CHUNK = 8  # float64 columns drawn at a time for a narrower probe block
+
 __all__ = ["BlockOperator", "as_block_operator", "as_scipy_float64", "raise_not_symmetric"]
 
 
@@ -100,11 +102,24 @@ class BlockOperator:
         distribution: str = "rademacher",
         dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
-        r"""``k`` probe columns of ``dtype`` on ``device`` with :math:`E[zz^\top] = I`."""
-        return draw_probes(
-            self.n, k, distribution=distribution, generator=generator, dtype=dtype,
-            device=self.device,
-        )  # fmt: skip
+        r"""``k`` probe columns of ``dtype`` on ``device`` with :math:`E[zz^\top] = I`.
+
+        Always drawn in float64 (a few columns at a time when ``dtype`` is narrower), so that a
+        float32 sketch chosen to save memory holds the same probes, rounded.
+        """
+
+        def draw(count: int) -> torch.Tensor:
+            return draw_probes(
+                self.n, count, distribution=distribution, generator=generator,
+                dtype=torch.float64, device=self.device,
+            )  # fmt: skip
+
+        if dtype == torch.float64:
+            return draw(k)
+        probes = torch.empty(self.n, k, dtype=dtype, device=self.device)
+        for first in range(0, k, NARROW_CHUNK):
+            probes[:, first : first + NARROW_CHUNK] = draw(min(NARROW_CHUNK, k - first))
+        return probes
 
     def working_dtype(self, vectors: int, memory_gb: float) -> torch.dtype:
         """float64 if ``vectors`` of length ``n`` fit in ``memory_gb``, else the operator's own
