@@ -64,7 +64,7 @@ GUARD = 1  # block columns beyond k
 BASIS = 120  # default basis size (ncv) at most, when the memory budget allows
 SINGLE_BASIS = 20  # the least basis of single-vector Lanczos (ARPACK's default ncv)
 BLOCK_PAYS = 0.6  # blocks are used when a column in a block costs at most this of one alone
-CHEAP_COLUMN = 0.05  # seconds on the first batch: below it, always blocks (see _choose_width)
+CHEAP_COLUMN = 0.005  # seconds on the first batch: below it, always blocks (see _choose_width)
 
 
 def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
@@ -76,9 +76,9 @@ def _wanted_first(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
-def _orthogonalize(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``W`` minus its projection on the orthonormal columns of ``V`` (Gram-Schmidt, once)."""
-    return W - V @ (V.T @ W)
+def _orthogonalize(B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``W`` minus its projection on the orthonormal rows of ``B`` (Gram-Schmidt, once)."""
+    return W - B.T @ (B @ W)
 
 
 def _check_coupling(
@@ -99,15 +99,16 @@ def _check_coupling(
 
 
 def _next_block(
-    W: torch.Tensor, V: torch.Tensor, width: int, floor: float, generator: torch.Generator
+    W: torch.Tensor, B: torch.Tensor, width: int, floor: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The next orthonormal block ``Q`` (``width`` columns at most) and ``R`` with ``W ~ Q R``.
 
-    ``W`` is orthogonal to ``V``. With its SVD :math:`W = U S Z^\top`, directions with
-    :math:`s_i \le` ``floor`` (none new) become random vectors; all are orthogonalized against
-    ``V`` once more (a normalized direction of rounding size is not orthogonal to ``V``) and
-    factored, :math:`U = Q R_U`, so that :math:`W = Q R_U S Z^\top` up to the dropped
-    :math:`s_i` (below ``floor``, or past ``width``, the dimension left outside ``V``).
+    ``W`` is orthogonal to the basis rows ``B``. With its SVD :math:`W = U S Z^\top`,
+    directions with :math:`s_i \le` ``floor`` (none new) become random vectors, orthogonalized
+    against ``B`` (as is a normalized direction of rounding size, which is not orthogonal to
+    ``B``: any :math:`s_i` below :math:`\sqrt{\varepsilon}` of the largest); all are factored,
+    :math:`U = Q R_U`, so that :math:`W = Q R_U S Z^\top` up to the dropped :math:`s_i` (below
+    ``floor``, or past ``width``, the dimension left outside the basis).
     """
     U, S, Zt = torch.linalg.svd(W, full_matrices=False)
     U, S, Zt = U[:, :width].clone(), S[:width], Zt[:width]
@@ -115,7 +116,9 @@ def _next_block(
     if empty.any():
         fresh = torch.randn(len(U), int(empty.sum()), generator=generator, dtype=torch.float64)
         U[:, empty] = fresh.to(U.device)
-    Q, R_U = torch.linalg.qr(_orthogonalize(V, U))
+    if S.numel() and (empty.any() or bool(S[-1] < np.finfo(np.float64).eps ** 0.5 * S[0])):
+        U = _orthogonalize(B, U)
+    Q, R_U = torch.linalg.qr(U)
     return Q, R_U @ (S[:, None] * Zt)
 
 
@@ -132,39 +135,40 @@ def _block_lanczos(
 ) -> tuple[np.ndarray, torch.Tensor]:
     """The ``k`` wanted Ritz pairs, wanted end first, from the orthonormal start block ``Q``
     (``width`` columns; ``W = A Q`` if already known) and a basis of at most
-    ``basis >= min(n, 2 (k + width))`` columns (see the module notes)."""
+    ``basis >= min(n, 2 (k + width))`` vectors (see the module notes), kept as the rows of ``B``
+    so that every vector is contiguous."""
     n, device, width = block.n, block.device, Q.shape[1]
     keep = max(k, (basis - width) // 2)
-    V = torch.empty(n, basis, dtype=torch.float64, device=device)
+    B = torch.empty(basis, n, dtype=torch.float64, device=device)
     T = np.zeros((0, 0))
-    expected = np.zeros((0, width))  # V^T A Q on the older columns, if A is symmetric
+    expected = np.zeros((0, width))  # V^T A Q on the older vectors, if A is symmetric
     m, norm = 0, 0.0
     for _ in range(max_products):
         W = block.matmat(Q) if W is None else W
         norm = max(norm, float(torch.linalg.vector_norm(W, dim=0).max()))
         j = Q.shape[1]
-        V[:, m : m + j] = Q
+        B[m : m + j] = Q.T
         m += j
-        H = V[:, :m].T @ W
-        W = _orthogonalize(V[:, :m], W - V[:, :m] @ H)
+        H = B[:m] @ W
+        W = _orthogonalize(B[:m], W - B[:m].T @ H)
         column = H.cpu().numpy()
         _check_coupling(column[: m - j], expected, block.symmetry_tolerance, norm)
         T = np.block([[T, column[: m - j]], [column.T]])
         theta, Y = eigh((T + T.T) / 2)
         norm = max(norm, float(np.abs(theta).max()))
         floor = np.finfo(np.float64).eps * norm
-        Q, R = _next_block(W, V[:, :m], min(width, n - m), floor, generator)
+        Q, R = _next_block(W, B[:m], min(width, n - m), floor, generator)
         R = R.cpu().numpy()
         order = _wanted_first(theta, which)
         residuals = np.linalg.norm(R @ Y[m - j :, order[:k]], axis=0)
         if residuals.max() <= tol * norm:
-            return theta[order[:k]], V[:, :m] @ torch.from_numpy(Y[:, order[:k]]).to(device)
+            return theta[order[:k]], B[:m].T @ torch.from_numpy(Y[:, order[:k]]).to(device)
         # if A is symmetric, V^T A Q = (Q^T A V)^T, and A V = V T + W
         expected = np.zeros((m, Q.shape[1]))
         expected[m - j :] = R.T
         if m + Q.shape[1] > basis:
             kept = order[:keep]
-            V[:, :keep] = V[:, :m] @ torch.from_numpy(Y[:, kept]).to(device)
+            B[:keep] = torch.from_numpy(Y[:, kept].T.copy()).to(device) @ B[:m]
             expected = (R @ Y[m - j :, kept]).T
             T, m = np.diag(theta[kept]), keep
         W = None
@@ -268,7 +272,7 @@ def top_eigenvalues(
         come back with fewer copies). Default (``None``): blocks for ``"SA"`` and for operators
         whose cost is not measured (SciPy operators); otherwise measured: blocks where a column
         in a block of ``k + 1`` costs at most ``0.6`` of a column alone, or a column less than
-        50 ms (see :func:`_choose_width`).
+        5 ms on the first batch (see :func:`_choose_width`).
     memory_gb
         Budget for the float64 basis when ``ncv`` is not given (default 1 GiB).
     progress
