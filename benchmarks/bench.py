@@ -571,7 +571,6 @@ class SolverRun:
     """One eigensolver on one operator: time, products, the eigenvalues."""
 
     ratio: Ratio
-    seconds: float
     passes: int
     columns: int
     values: np.ndarray
@@ -623,7 +622,6 @@ def measure_solvers(model: str, config: Config) -> tuple[Problem, dict[str, Solv
     runs = {
         name: SolverRun(
             ratio,
-            ratio.median * gradient,
             results[name][0].passes,
             results[name][0].columns,
             results[name][1],
@@ -651,7 +649,7 @@ def bench_eigen(config: Config, targets: Targets) -> str:
                     name,
                     run.columns,
                     run.passes,
-                    f"{run.seconds:.1f}",
+                    f"{run.ratio.seconds:.1f}",
                     run.ratio,
                     f"{speed:.2f}" if name == "curvop" else "",
                     ", ".join(f"{value:.4g}" for value in run.values),

@@ -71,17 +71,21 @@ def apply_task(operator: curvop.CurvatureOperator, V: torch.Tensor) -> Task:
 # ----------------------------------------------------------------------------- timing
 @dataclass(frozen=True)
 class Ratio:
-    """Median and quartiles of (time of a task) / (time of one gradient) over repeats."""
+    """Median and quartiles of (time of a task) / (time of one gradient) over repeats, and the
+    median of the task's own time in seconds."""
 
     median: float
     low: float
     high: float
+    seconds: float = math.nan
 
     def __str__(self) -> str:
         return f"{fmt(self.median)} ({fmt(self.low)}–{fmt(self.high)})"
 
     def scaled(self, factor: float) -> Ratio:
-        return Ratio(self.median * factor, self.low * factor, self.high * factor)
+        return Ratio(
+            self.median * factor, self.low * factor, self.high * factor, self.seconds * factor
+        )
 
 
 def fmt(value: float) -> str:
@@ -148,9 +152,11 @@ def ratios_to_gradient(
 ) -> tuple[dict[Hashable, Ratio], float]:
     """Time each task against the gradient, interleaved; also return the median gradient time.
 
-    Each repeat runs the tasks in a rotated order and times a gradient between consecutive
-    tasks; a task's ratio divides its time by the mean of the gradients right before and after
-    it. Tasks must be warmed up (:func:`prepare`, whose timings say which are slow);
+    Repeats run the tasks in a random order, then in its reverse, then in a new random order
+    and so on (seeded: the same orders in every run; no task always follows the same one, and
+    two tasks alternate which goes first), with a gradient timed between consecutive tasks; a
+    task's ratio divides its time by the mean of the gradients right before and after it.
+    Tasks must be warmed up (:func:`prepare`, whose timings say which are slow);
     ``calibrated`` repeats calls shorter than :data:`MIN_TIME` within one timing, otherwise
     every timing is one call.
     """
@@ -162,20 +168,26 @@ def ratios_to_gradient(
     gradient_number = calibrate(gradient)
     names = list(tasks)
     samples: dict[Hashable, list[float]] = {name: [] for name in names}
+    seconds: dict[Hashable, list[float]] = {name: [] for name in names}
     gradient_times = [elapsed(gradient, gradient_number)]
+    generator, order = np.random.default_rng(0), np.arange(len(names))
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = generator.permutation(len(names)) if r % 2 == 0 else order[::-1]
+        for index in order:
+            name = names[index]
             spent = elapsed(tasks[name], numbers[name])
             gradient_times.append(elapsed(gradient, gradient_number))
             samples[name].append(spent / statistics.fmean(gradient_times[-2:]))
+            seconds[name].append(spent)
     median_gradient = statistics.median(gradient_times)
-    return {name: summarize(values) for name, values in samples.items()}, median_gradient
+    ratios = {name: summarize(samples[name], seconds[name]) for name in names}
+    return ratios, median_gradient
 
 
-def summarize(values: list[float]) -> Ratio:
+def summarize(values: list[float], seconds: list[float] | None = None) -> Ratio:
     low, median, high = np.percentile(values, [25, 50, 75])
-    return Ratio(float(median), float(low), float(high))
+    spent = float(np.median(seconds)) if seconds else math.nan
+    return Ratio(float(median), float(low), float(high), spent)
 
 
 # ----------------------------------------------------------------------------- counting
