@@ -4,9 +4,12 @@ The peers (``curvlinops-for-pytorch`` and ``hessian-eigenthings``) are never dep
 curvop: install them by hand to include them in the benchmark (see ``benchmarks/README.md``).
 Each adapter builds an operator on the same model and batches as curvop and exposes
 
-- ``matvec(v)``: a torch ``(n,)`` -> ``(n,)`` product in the parameters' dtype;
+- ``matvec(v)``: a torch ``(n,)`` -> ``(n,)`` product in the parameters' dtype (curvlinops also
+  takes an ``(n, k)`` block; hessian-eigenthings has no block product);
 - ``scipy()``: a SciPy ``LinearOperator`` with an explicit ``dtype`` (no trial product), for
-  ``eigsh``.
+  ``eigsh``;
+- ``native``: the library's own operator, for its own algorithms (hessian-eigenthings'
+  ``spectral_density``).
 
 Only the public constructors of the peers are used (their signatures were read from the
 installed sources: curvlinops 3.0, hessian-eigenthings 1.0.0a5).
@@ -15,8 +18,9 @@ installed sources: curvlinops 3.0, hessian-eigenthings 1.0.0a5).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,7 @@ class PeerOperator:
     kind: str
     matvec: Matvec
     scipy: Callable[[], LinearOperator]
+    native: Any = None  # the library's own operator object (for its own algorithms)
 
 
 def _import(library: str) -> Any | None:
@@ -67,6 +72,28 @@ def peer_version(library: str) -> str:
         return version(DISTRIBUTIONS[library])
     except PackageNotFoundError:
         return "?"
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` on its math backend, as curvop runs it: its fused CPU
+    backend has neither a forward-mode derivative (curvlinops raises ``NotImplementedError:
+    Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu``) nor a double
+    backward (hessian-eigenthings raises ``derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``). A no-op
+    for models without attention."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _with_math_attention(matvec: Matvec) -> Matvec:
+    def product(v: torch.Tensor) -> torch.Tensor:
+        with math_attention():
+            return matvec(v)
+
+    return product
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -99,7 +126,9 @@ def _curvlinops(
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return operator @ v
 
-    return PeerOperator("curvlinops", kind, matvec, lambda: operator.to_scipy(_numpy_dtype(dtype)))
+    return PeerOperator(
+        "curvlinops", kind, matvec, lambda: operator.to_scipy(_numpy_dtype(dtype)), operator
+    )
 
 
 def _eigenthings(
@@ -124,6 +153,7 @@ def _eigenthings(
         kind,
         matvec,
         lambda: _wrap_scipy(matvec, operator.size, operator.dtype),
+        operator,
     )
 
 
@@ -143,7 +173,10 @@ def build_peer(
     """The peer's operator of ``kind`` (one of :data:`KINDS`), or ``None`` when it has none.
 
     ``defaults=True`` builds it with the library's default options (to count the passes its
-    construction makes); otherwise with the options that make construction free.
+    construction makes); otherwise with the options that make construction free. Its
+    ``matvec`` runs attention on the math backend (see :func:`math_attention`); its ``scipy``
+    and ``native`` faces do not.
     """
     builders = {"curvlinops": _curvlinops, "hessian-eigenthings": _eigenthings}
-    return builders[library](kind, model, loss_fn, batches, defaults)
+    peer = builders[library](kind, model, loss_fn, batches, defaults)
+    return None if peer is None else replace(peer, matvec=_with_math_attention(peer.matvec))
