@@ -600,13 +600,13 @@ SPECTRAL_DENSITY = [
     ),
     md(
         """
-        **What you see.** Hutchinson's standard error falls like $1/\\sqrt{m}$ in expectation;
-        the reported ones, noisy themselves, fall by less than a factor 2 over an eightfold
-        budget here. Once the sketch holds the few large eigenvalues (from 48 products here,
-        24 for XTrace), Hutch++ and XTrace report error bars 3.5 to 17 times smaller than
-        Hutchinson's at the same budget, and theirs shrink faster: 2.5 to 3.6 times from 48 to
-        96 products, where Hutchinson's shrink 1.1 times. The error bars are honest: the exact
-        trace lies within two standard errors of every one of the 24 estimates.
+        **What you see.** Hutchinson's standard error falls like $1/\\sqrt{m}$: by about 4
+        over the eightfold budget here (the expected $\\sqrt 8 \\approx 2.8$; the reported
+        errors are noisy themselves). Once the sketch holds the few large eigenvalues (from 48
+        products here, 24 for XTrace), Hutch++ and XTrace report error bars 3.4 to 8 times
+        smaller than Hutchinson's at the same budget, and theirs shrink faster: 1.9 to 3.7 times
+        from 48 to 96 products, where Hutchinson's shrink 1.7 times. The error bars are honest:
+        the exact trace lies within two standard errors of every one of the 24 estimates.
         """
     ),
 ]
