@@ -115,13 +115,14 @@ def test_density_moments_match_the_dense_matrix(H, G, dense, name, method):
 
 
 class ProductLog:
-    """Wraps ``op.apply`` to record the column count of every call; scipy products fail."""
+    """Wraps ``op.block_product`` (what the toolkit multiplies with) to record the column count
+    of every call; scipy products fail."""
 
     def __init__(self, op, monkeypatch):
         self.columns = []
-        original = op.apply
+        original = op.block_product
 
-        def apply(V):
+        def block_product(V):
             assert isinstance(V, torch.Tensor) and V.dim() == 2
             assert V.dtype == op.layout.dtype and V.device == op.layout.device
             self.columns.append(V.shape[1])
@@ -130,7 +131,7 @@ class ProductLog:
         def no_numpy(*args):
             raise AssertionError("the numpy round trip was used")
 
-        monkeypatch.setattr(op, "apply", apply)
+        monkeypatch.setattr(op, "block_product", block_product)
         monkeypatch.setattr(op, "_matvec", no_numpy)
         monkeypatch.setattr(op, "_matmat", no_numpy)
 

@@ -142,14 +142,14 @@ def timed_hessian(seconds_per_column: dict[int, float]):
 
     op = hessian()
     widths, measured = [], set()
-    apply = op.apply
+    block_product = op.block_product  # what the spectral toolkit multiplies with
 
     def logged(V):
-        widths.append(1 if V.dim() == 1 else V.shape[1])
+        widths.append(V.shape[1])
         measured.add(widths[-1])
-        return apply(V)
+        return block_product(V)
 
-    op.apply = logged
+    op.block_product = logged
     op.column_seconds = lambda k: seconds_per_column.get(k) if k in measured else None
     return op, widths
 

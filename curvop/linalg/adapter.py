@@ -151,7 +151,7 @@ def as_block_operator(op: Any) -> BlockOperator:
         layout = op.layout
         tolerance = symmetry_tolerance(layout.dtype, op.accuracy)
         return BlockOperator(
-            layout.size, layout.dtype, layout.device, op.apply, tolerance, op.column_seconds,
+            layout.size, layout.dtype, layout.device, op.block_product, tolerance, op.column_seconds,
             op.process_group,
         )  # fmt: skip
     if not isinstance(op, LinearOperator):

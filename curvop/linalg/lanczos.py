@@ -10,8 +10,9 @@ Krylov space :math:`\mathcal{K}_m(A, q_1)` in which :math:`A` is tridiagonal:
 
 The eigenvalues of :math:`T_m` (Ritz values) approximate the extremes of the spectrum; its
 eigenvectors' first components give the Gauss quadrature of :math:`q_1^\top f(A) q_1`. Every new
-vector is orthogonalized against the whole basis, twice, in float64: without it, rounding
-errors make Ritz values repeat ("ghost" eigenvalues), above all in float32.
+vector is orthogonalized against the whole basis (a second time where the first sweep removed
+most of it), in float64: without it, rounding errors make Ritz values repeat ("ghost"
+eigenvalues), above all in float32.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import as_float64_vector
 
 __all__ = ["LanczosRun", "lanczos", "lanczos_block"]
+
+TWICE_IS_ENOUGH = 2**-0.5  # a second Gram-Schmidt sweep when one removed more of the norm
 
 
 class LanczosRun(NamedTuple):
@@ -50,7 +53,6 @@ class LanczosRun(NamedTuple):
 
 def _check_symmetric(
     coefficients: torch.Tensor,
-    betas: torch.Tensor,
     scale: torch.Tensor,
     active: torch.Tensor,
     block: BlockOperator,
@@ -58,19 +60,57 @@ def _check_symmetric(
     r"""Raise unless :math:`Aq_j` couples to the basis as symmetry demands.
 
     For symmetric :math:`A`, :math:`q_i^\top A q_j = 0` for :math:`i < j - 1` and
-    :math:`q_{j-1}^\top A q_j = \beta_{j-1}`: the Gram-Schmidt ``coefficients`` ``(p, j + 1)``
-    already hold these numbers. A deviation beyond the operator's symmetry tolerance times
-    ``scale`` (the largest :math:`|\alpha|, \beta` so far) raises ``ValueError``.
+    :math:`q_{j-1}^\top A q_j = \beta_{j-1}`, so once the three-term recurrence has subtracted
+    :math:`\alpha_j q_j + \beta_{j-1} q_{j-1}`, the Gram-Schmidt ``coefficients`` ``(p, j + 1)``
+    of the residual against the basis are zero up to rounding. One beyond the operator's symmetry
+    tolerance times ``scale`` (the largest :math:`|\alpha|, \beta` so far) raises
+    ``ValueError``.
     """
-    step = betas.shape[1]
-    if step == 0:
-        return
-    deviation = coefficients[:, :step].clone()
-    deviation[:, step - 1] -= betas[:, step - 1]
-    relative = deviation.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    relative = coefficients.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
     worst = float(torch.where(active.to(relative.device), relative, 0.0).max())
     if worst > block.symmetry_tolerance:
         raise_not_symmetric(worst, block.symmetry_tolerance)
+
+
+def _reorthogonalize(
+    previous: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    active: torch.Tensor,
+    block: BlockOperator,
+) -> torch.Tensor:
+    r"""The rows of ``w`` (``(p, n)``) made orthogonal to the basis ``previous`` (``(p, j, n)``).
+
+    Classical Gram-Schmidt against the whole basis, once; again only when the first sweep
+    removed more than :data:`TWICE_IS_ENOUGH` of a row's norm (Kahan's and Parlett's rule:
+    then what is left may not be orthogonal to working precision). After the three-term
+    recurrence the residual is orthogonal up to rounding, so the second sweep, which would double
+    the cost of reading the basis, is rarely needed. The first sweep's coefficients feed the
+    symmetry check. Both projections are batched matrix products with ``previous`` in its
+    memory order (a batched matrix-vector product would read it several times slower).
+    """
+    for sweep in range(2):
+        coefficients = torch.bmm(w.to(previous.dtype)[:, None], previous.transpose(1, 2))
+        if sweep == 0:
+            _check_symmetric(coefficients[:, 0].double(), scale, active, block)
+        before = torch.linalg.vector_norm(w, dim=1)
+        if previous.dtype == w.dtype:  # fused: w - c B in one pass over the basis
+            w = torch.baddbmm(w[:, None], coefficients, previous, alpha=-1)[:, 0]
+        else:
+            w = w - torch.bmm(coefficients, previous)[:, 0].to(w.dtype)
+        if not bool((torch.linalg.vector_norm(w, dim=1) < TWICE_IS_ENOUGH * before).any()):
+            break
+    return w
+
+
+def _products(block: BlockOperator, q: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The rows :math:`A q_i` (``(p, n)``) of the active processes; zero rows for the others."""
+    if bool(active.all()):
+        return block.matmat(q.T).T
+    rows = active.nonzero().squeeze(1).to(q.device)
+    w = torch.zeros_like(q)
+    w[rows] = block.matmat(q[rows].T).T
+    return w
 
 
 def lanczos_block(
@@ -86,32 +126,30 @@ def lanczos_block(
     operator's dtype); its later columns are no longer multiplied. At most ``n`` steps are taken.
     The basis of ``p * num_steps`` vectors is kept in ``basis_dtype`` (float64, or the operator's
     own dtype to halve the memory, with orthogonality to that precision); the recurrence itself
-    runs in float64.
+    runs in float64. The Lanczos vectors are rows here, so that each process' basis is one
+    contiguous ``(num_steps, n)`` matrix.
     """
     n, p = start.shape
     m = min(num_steps, n)
-    q = start / torch.linalg.vector_norm(start, dim=0)
-    basis = torch.zeros(p, m, n, dtype=basis_dtype, device=start.device)
+    q = (start / torch.linalg.vector_norm(start, dim=0)).T.contiguous()
+    basis = torch.empty(p, m, n, dtype=basis_dtype, device=start.device)
     alphas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     lengths = torch.full((p,), m, dtype=torch.long)
     scale = torch.zeros(p, dtype=torch.float64, device=start.device)
     active = torch.ones(p, dtype=torch.bool)
     tolerance = block.eps**0.5
+    previous_q = torch.zeros_like(q)
     for step in range(m):
-        basis[:, step] = q.T
-        columns = active.nonzero().squeeze(1).to(q.device)
-        w = torch.zeros_like(q)
-        w[:, columns] = block.matmat(q[:, columns])
-        alphas[:, step] = (q * w).sum(0)
-        previous = basis[:, : step + 1]
-        for sweep in range(2):  # classical Gram-Schmidt, twice, against the whole basis
-            coefficients = torch.einsum("pkn,np->pk", previous, w.to(basis_dtype))
-            if sweep == 0:
-                scale = torch.maximum(scale, alphas[:, step].abs())
-                _check_symmetric(coefficients.double(), betas[:, :step], scale, active, block)
-            w = w - torch.einsum("pkn,pk->np", previous, coefficients).double()
-        beta = torch.linalg.vector_norm(w, dim=0)
+        basis[:, step] = q
+        w = _products(block, q, active)
+        alphas[:, step] = torch.linalg.vecdot(q, w)
+        scale = torch.maximum(scale, alphas[:, step].abs())
+        w -= alphas[:, step, None] * q
+        if step:
+            w -= betas[:, step - 1, None] * previous_q
+        w = _reorthogonalize(basis[:, : step + 1], w, scale, active, block)
+        beta = torch.linalg.vector_norm(w, dim=1)
         betas[:, step] = beta
         scale = torch.maximum(scale, beta)
         stopped = (beta <= tolerance * scale).cpu() & active
@@ -119,8 +157,9 @@ def lanczos_block(
         active &= ~stopped
         if not active.any():
             break
-        keep = active.to(w.device)
-        q = torch.where(keep, w / torch.where(keep, beta, 1.0), 0.0)
+        keep = active.to(w.device)[:, None]
+        previous_q = q
+        q = torch.where(keep, w / torch.where(keep, beta[:, None], 1.0), 0.0)
     mask = torch.arange(m) < lengths[:, None]
     return LanczosRun((alphas.cpu() * mask).numpy(), (betas.cpu() * mask).numpy(), lengths.numpy())
 

@@ -222,13 +222,21 @@ class CurvatureOperator(LinearOperator):
         """
         V = self.layout.check_vector(V, "V")
         block = V if V.dim() == 2 else V.unsqueeze(1)
+        result = self.block_product(block).contiguous()
+        return result if V.dim() == 2 else result.squeeze(1)
+
+    def block_product(self, block: torch.Tensor) -> torch.Tensor:
+        """``A V`` for an ``(n, k)`` block already of the operator's dtype and device.
+
+        The result is the transpose of a contiguous ``(k, n)`` tensor, the layout the products
+        are summed in: the spectral toolkit keeps its vectors as rows and reads it without a
+        copy (:meth:`apply` makes it contiguous). ``block`` may be such a transpose too.
+        """
         if block.shape[1] == 0:
-            return torch.zeros_like(V)
+            return torch.zeros_like(block)
         if block.shape[1] > self.max_block_columns:  # bounds what a batched backward holds
-            return torch.cat(
-                [self.apply(part) for part in torch.split(block, self.max_block_columns, dim=1)],
-                dim=1,
-            )
+            parts = torch.split(block, self.max_block_columns, dim=1)
+            return torch.cat([self.block_product(part).T for part in parts]).T
         k = block.shape[1]
         partial, samples, failure = self._partial_product(block)
         if self.process_group is not None:
@@ -239,8 +247,7 @@ class CurvatureOperator(LinearOperator):
             raise failure
         if self.reduction == "mean":
             partial = partial / samples
-        result = partial.T.to(self.layout.dtype).contiguous()
-        return result if V.dim() == 2 else result.squeeze(1)
+        return partial.to(self.layout.dtype).T
 
     def _partial_product(
         self, block: torch.Tensor
@@ -294,7 +301,7 @@ class CurvatureOperator(LinearOperator):
         columns = []
         with bar(progress, n, "to_dense") as shown:
             for block in torch.split(eye, self.max_block_columns, dim=1):
-                columns.append(self.apply(block))
+                columns.append(self.block_product(block))
                 if shown is not None:
                     shown.update(block.shape[1])
         return torch.cat(columns, dim=1).cpu().numpy()
