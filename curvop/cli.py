@@ -384,8 +384,8 @@ def build_operator(
 class _CountedProducts:
     """Count the products of ``operator`` in a block, with a tqdm bar when installed (on a TTY).
 
-    Every product of a curvop operator, numpy or torch, goes through ``operator.apply``; it is
-    wrapped on the instance for the duration of the block.
+    Every product of a curvop operator, numpy or torch, goes through
+    ``operator.block_product``; it is wrapped on the instance for the duration of the block.
     """
 
     def __init__(self, operator: curvop.CurvatureOperator, description: str, total: int | None):
@@ -397,21 +397,21 @@ class _CountedProducts:
         )
 
     def __enter__(self) -> _CountedProducts:
-        apply = self.operator.apply
+        block_product = self.operator.block_product
 
         def counted(V: torch.Tensor) -> torch.Tensor:
-            result = apply(V)
-            columns = 1 if V.dim() == 1 else V.shape[1]
+            result = block_product(V)
+            columns = V.shape[1]
             self.count += columns
             if self._bar is not None:
                 self._bar.update(columns)
             return result
 
-        self.operator.apply = counted
+        self.operator.block_product = counted
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        del self.operator.apply
+        del self.operator.block_product
         if self._bar is not None:
             self._bar.close()
 
