@@ -89,6 +89,16 @@ def vjp(
     of :func:`vjp_columns`, with its zeros for inputs that do not influence ``output`` (also when
     ``output`` does not depend on the graph at all, e.g. only unused parameters are selected).
     """
-    cotangent = torch.ones_like(output) if cotangent is None else cotangent
-    columns = vjp_columns([output], inputs, [cotangent.unsqueeze(0)], create_graph=create_graph)
-    return [column[0] for column in columns]
+    if not output.requires_grad:
+        return [x.new_zeros(x.shape) for x in inputs]
+    # not through vjp_columns: its (1, ...) stacking would put an unsqueeze and a select per
+    # input into a created graph, and every later backward through it would pay for them
+    grads = torch.autograd.grad(
+        output,
+        list(inputs),
+        grad_outputs=torch.ones_like(output) if cotangent is None else cotangent,
+        retain_graph=create_graph,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    return [x.new_zeros(x.shape) if g is None else g for g, x in zip(grads, inputs, strict=True)]

@@ -190,6 +190,9 @@ class ModelObjective:
             for name, q in model.named_parameters(remove_duplicate=False)
         ]
         self.source = DataSource(data, params[0].device)
+        # no buffers: a forward at the parameters' own values cannot write any state, so it may
+        # call the model itself (functional_call's parameter swap costs ~5% of a small product)
+        self._stateless = next(model.buffers(), None) is None
 
     def batches(self) -> Iterator[Batch]:
         return iter(self.source)
@@ -202,17 +205,26 @@ class ModelObjective:
         With ``dtype``, the other parameters, the floating-point buffers and ``batch`` are
         evaluated in that dtype (``values`` must already have it).
         """
-        state = {n: q.detach() if i is None else values[i] for n, i, q in self._slots}
-        state.update({n: b.clone() for n, b in self.model.named_buffers(remove_duplicate=False)})
+        own = dtype is None and len(values) == len(self.params) and self._stateless
+        if own and all(v is p for v, p in zip(values, self.params, strict=True)):
+            state = None
+        else:
+            state = {n: q.detach() if i is None else values[i] for n, i, q in self._slots}
+            state.update(
+                {n: b.clone() for n, b in self.model.named_buffers(remove_duplicate=False)}
+            )
         if dtype is not None:
             state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
             batch = batch.cast(dtype)
         args, kwargs = batch.model_args()
         with isolated_rng(self.params[0].device, batch.index), differentiable_attention():
             try:
-                output = functional_call(self.model, state, args, kwargs, tie_weights=False)
+                if state is None:
+                    output = self.model(*args, **kwargs)
+                else:
+                    output = functional_call(self.model, state, args, kwargs, tie_weights=False)
             except Exception as error:
-                _explain_dtype_mismatch(error, batch, state)
+                _explain_dtype_mismatch(error, batch, state or dict(self.model.state_dict()))
                 raise
         return output if self.select is None else self.select(output)
 

@@ -155,8 +155,8 @@ class SkewedHessian(HessianOperator):
         S = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.skew = skew * (S - S.T)
 
-    def apply(self, V: torch.Tensor) -> torch.Tensor:
-        return super().apply(V) + self.skew.to(V.dtype) @ V
+    def block_product(self, V: torch.Tensor) -> torch.Tensor:  # every product goes through it
+        return super().block_product(V) + self.skew.to(V.dtype) @ V
 
 
 def skewed(skew: float) -> SkewedHessian:
@@ -211,7 +211,7 @@ def test_krylov_methods_stop_with_a_clear_error_on_an_asymmetric_operator(run, k
     if kind == "matrix":
         op = aslinearoperator(op.to_dense())
     calls = []
-    name = "apply" if kind == "curvop" else "matmat"  # the product each kind is reached through
+    name = "block_product" if kind == "curvop" else "matmat"  # where each kind's products go
     product = getattr(op, name)
     setattr(op, name, lambda X: calls.append(X.shape[1] if X.ndim == 2 else 1) or product(X))
     with pytest.raises(ValueError, match="op must be symmetric"):
