@@ -239,20 +239,21 @@ class ProductCount:
 
 @contextmanager
 def counted_products(operator: nn.Module | LinearOperator) -> Iterator[ProductCount]:
-    """Count what ``operator.apply`` multiplies: curvop's algorithms and SciPy's ``matvec`` /
-    ``matmat`` on a curvop operator all go through it (shadowed by an instance attribute)."""
-    count, apply = ProductCount(), operator.apply
+    """Count what ``operator.block_product`` multiplies: curvop's algorithms, its ``apply`` and
+    SciPy's ``matvec`` / ``matmat`` on a curvop operator all go through it (shadowed by an
+    instance attribute)."""
+    count, block_product = ProductCount(), operator.block_product
 
-    def counting_apply(V: torch.Tensor) -> torch.Tensor:
+    def counting_block_product(V: torch.Tensor) -> torch.Tensor:
         count.passes += 1
-        count.columns += 1 if V.dim() == 1 else V.shape[1]
-        return apply(V)
+        count.columns += V.shape[1]
+        return block_product(V)
 
-    operator.apply = counting_apply
+    operator.block_product = counting_block_product
     try:
         yield count
     finally:
-        del operator.apply
+        del operator.block_product
 
 
 def top_eigenvalue(operator: LinearOperator, tol: float, seed: int) -> float:

@@ -122,7 +122,7 @@ def _curvop_call(problem: Any, spec: Spec, counts: dict[str, int]) -> Callable[[
         widths = sorted({chunk, probes % chunk or chunk})
     for width in widths:
         operator.apply(problem.vectors(width, spec.seed))
-    operator.apply = _counting(operator.apply, counts)
+    operator.block_product = _counting(operator.block_product, counts)  # every product's entry
     function = getattr(curvop, spec.call)
     return lambda: function(operator, **options)
 
