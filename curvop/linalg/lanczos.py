@@ -63,7 +63,10 @@ def _check_symmetric(
     :math:`q_{j-1}^\top A q_j = \beta_{j-1}`, so once the three-term recurrence has subtracted
     :math:`\alpha_j q_j + \beta_{j-1} q_{j-1}`, the Gram-Schmidt ``coefficients`` ``(p, j + 1)``
     of the residual against the basis are zero up to rounding. One beyond the operator's symmetry
-    tolerance times ``scale`` (the largest :math:`|\alpha|, \beta` so far) raises
+    tolerance times ``scale`` (the largest :math:`\|A q_i\|` so far, a lower bound of
+    :math:`\|A\|` on the scale of the products' rounding errors; :math:`|\alpha_1|` alone can be
+    tiny, a probe's Rayleigh quotient in a bulk near zero, and made rounding look like asymmetry)
+    raises
     ``ValueError``.
     """
     relative = coefficients.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
@@ -75,7 +78,7 @@ def _check_symmetric(
 def _reorthogonalize(
     previous: torch.Tensor,
     w: torch.Tensor,
-    scale: torch.Tensor,
+    norm: torch.Tensor,
     active: torch.Tensor,
     block: BlockOperator,
 ) -> torch.Tensor:
@@ -92,7 +95,7 @@ def _reorthogonalize(
     for sweep in range(2):
         coefficients = torch.bmm(w.to(previous.dtype)[:, None], previous.transpose(1, 2))
         if sweep == 0:
-            _check_symmetric(coefficients[:, 0].double(), scale, active, block)
+            _check_symmetric(coefficients[:, 0].double(), norm, active, block)
         before = torch.linalg.vector_norm(w, dim=1)
         if previous.dtype == w.dtype:  # fused: w - c B in one pass over the basis
             w = torch.baddbmm(w[:, None], coefficients, previous, alpha=-1)[:, 0]
@@ -137,6 +140,7 @@ def lanczos_block(
     betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     lengths = torch.full((p,), m, dtype=torch.long)
     scale = torch.zeros(p, dtype=torch.float64, device=start.device)
+    norm = torch.zeros_like(scale)  # the largest product row norm, for the symmetry check
     active = torch.ones(p, dtype=torch.bool)
     tolerance = block.eps**0.5
     previous_q = torch.zeros_like(q)
@@ -145,10 +149,11 @@ def lanczos_block(
         w = _products(block, q, active)
         alphas[:, step] = torch.linalg.vecdot(q, w)
         scale = torch.maximum(scale, alphas[:, step].abs())
+        norm = torch.maximum(norm, torch.linalg.vector_norm(w, dim=1))
         w -= alphas[:, step, None] * q
         if step:
             w -= betas[:, step - 1, None] * previous_q
-        w = _reorthogonalize(basis[:, : step + 1], w, scale, active, block)
+        w = _reorthogonalize(basis[:, : step + 1], w, norm, active, block)
         beta = torch.linalg.vector_norm(w, dim=1)
         betas[:, step] = beta
         scale = torch.maximum(scale, beta)
