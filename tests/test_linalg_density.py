@@ -126,7 +126,6 @@ def test_slq_keeps_its_basis_in_the_operators_dtype_when_float64_does_not_fit():
         spectral_density(op, num_steps=20, seed=0, memory_gb=one_probe_float32 / 2)
 
 
-
 @pytest.mark.parametrize("seed", range(3))
 def test_float32_rounding_is_not_taken_for_asymmetry_when_a_probe_starts_with_a_tiny_alpha(seed):
     """A start whose Rayleigh quotient is rounding-sized against the product's norm (the even mix
@@ -145,6 +144,8 @@ def test_float32_rounding_is_not_taken_for_asymmetry_when_a_probe_starts_with_a_
     matrix = ((basis * eigenvalues) @ basis.T).astype(np.float32)
     mix = (basis[:, 0] + basis[:, 1]) / np.sqrt(2) + 1e-3 * rng.standard_normal(n) / np.sqrt(n)
     start = torch.from_numpy(mix)
-    run = lanczos_block(as_block_operator(aslinearoperator(matrix)), start[:, None], 20, torch.float32)
+    run = lanczos_block(
+        as_block_operator(aslinearoperator(matrix)), start[:, None], 20, torch.float32
+    )
     assert abs(run.alphas[0, 0]) < 1e-3 * np.linalg.norm(matrix @ start.numpy().astype(np.float32))
     assert run.lengths[0] == 20
