@@ -792,8 +792,8 @@ def bench_slq(config: Config, targets: Targets) -> str:
 
 _SLQ_INTRO = (
     "`curvop.spectral_density(H, num_probes=p, num_steps=m, seed=0)` (Rademacher probes, full "
-    "reorthogonalization in float64 while one probe's basis fits `memory_gb`, else in float32; as "
-    "many probes side by side as fit, their products as one block per step) against "
+    "reorthogonalization with the basis in the operator's dtype, float32; as many probes side "
+    "by side as `memory_gb` holds, at least one, their products as one block per step) against "
     "hessian-eigenthings' own SLQ, `hessian_eigenthings.spectral_density(op, num_runs=p, "
     "lanczos_steps=m)` (one probe after the other, single products, full reorthogonalization "
     "in the operator's dtype, float32), both on the Hessian of the same model and data. Each "
