@@ -691,7 +691,7 @@ _EIGEN_INTRO = (
     "float32), so eigsh's is the stricter of the two by ‖A‖/|θ| for eigenvalues below the top. "
     "Products are columns multiplied, passes the calls of `apply` (one pass over the data "
     "each): curvop multiplies k + 1 columns per pass where a column in that block costs at most "
-    "0.6 of one alone, else one; the last column compares the two results."
+    "0.4 of one alone, else one; the last column compares the two results."
 )
 
 
