@@ -22,8 +22,8 @@ Sections (``--sections`` picks some):
 The models (``models.py``): an MLP 784-256-256-10, a small CNN, ResNet-20 and ResNet-18 for
 3x32x32 inputs (BatchNorm in eval mode) and a GPT-style transformer (token cross-entropy).
 
-Run ``python benchmarks/bench.py`` (full, about XX minutes on 2 cores) or ``--quick`` (smaller
-data, fewer repeats, no ResNet-18, about XX s); ``--help`` lists the options. Torch runs on one
+Run ``python benchmarks/bench.py`` (full, about 65 minutes on 2 cores) or ``--quick`` (smaller
+data, fewer repeats, no ResNet-18, about 70 s); ``--help`` lists the options. Torch runs on one
 thread unless ``--threads`` says otherwise (on a shared machine two-thread timings swing far
 more). The output is a markdown report on stdout (``--output`` also writes it to a file).
 Everything measured is deterministic: fixed seeds for models, data and vectors. The peers are
