@@ -104,7 +104,7 @@ def _curvop_call(problem: Any, spec: Spec, counts: dict[str, int]) -> Callable[[
     """Build curvop's Hessian, warm it up on the widths ``spec.call`` uses; return the call."""
     import curvop
     from curvop.linalg.adapter import as_block_operator
-    from curvop.linalg.density import basis_plan
+    from curvop.linalg.density import probes_at_once
 
     operator = curvop.HessianOperator(problem.model, problem.loss_fn, problem.batches)
     options = dict(spec.options)
@@ -115,10 +115,8 @@ def _curvop_call(problem: Any, spec: Spec, counts: dict[str, int]) -> Callable[[
     else:
         probes, steps = options["num_probes"], options["num_steps"]
         memory_gb = options.get("memory_gb", 1.0)
-        try:
-            _, chunk = basis_plan(as_block_operator(operator), steps, probes, memory_gb)
-        except ValueError:  # the call itself raises it again, and it is reported
-            chunk = probes
+        block = as_block_operator(operator)
+        chunk = probes_at_once(block, steps, block.dtype.itemsize, probes, memory_gb)
         widths = sorted({chunk, probes % chunk or chunk})
     for width in widths:
         operator.apply(problem.vectors(width, spec.seed))

@@ -136,23 +136,23 @@ def _quadrature(run: LanczosRun, num_steps: int) -> tuple[np.ndarray, np.ndarray
     return nodes, weights
 
 
-def basis_plan(
-    block: BlockOperator, vectors_per_probe: int, num_probes: int, memory_gb: float
-) -> tuple[torch.dtype, int]:
-    """The dtype of the vectors each probe keeps, and how many probes to run side by side.
+def probes_at_once(
+    block: BlockOperator, vectors_per_probe: int, itemsize: int, num_probes: int, memory_gb: float
+) -> int:
+    """How many probes run side by side: as many as ``memory_gb`` holds of their
+    ``vectors_per_probe`` n-vectors of ``itemsize`` bytes, all of them if they fit (products of a
+    block never cost more per column than alone: the operators time a loop over columns among
+    their kernels), and always at least one: a probe needs all its vectors, so one that does not
+    fit in ``memory_gb`` still runs (the budget bounds how many run at once, not the steps asked
+    for; SLQ 4 x 30 on ResNet-18's 11M parameters keeps 1.25 GiB).
 
-    The basis is kept in the operator's dtype: its products carry that precision, and a basis
-    orthogonal to it (full reorthogonalization) gives the same Ritz values as a float64 one to
-    far below it (1e-8 relative on a float32 MLP, against products accurate to about 1e-6),
-    at half the memory and half the time spent reading the basis. As many probes run side by
-    side as ``memory_gb`` holds, all of them if they fit (products of a block never cost more
-    per column than alone: the operators time a loop over columns among their kernels), and
-    always at least one: a probe needs its whole basis, so one that does not fit in
-    ``memory_gb`` still runs (the budget bounds how many run at once, not the steps asked for;
-    4 x 30 on ResNet-18's 11M parameters keeps 1.25 GiB).
+    SLQ keeps its Lanczos basis in the operator's dtype: its products carry that precision, and a
+    basis orthogonal to it (full reorthogonalization) gives the same Ritz values as a float64 one
+    to far below it (1e-8 relative on a float32 MLP, against products accurate to about 1e-6), at
+    half the memory and half the time spent reading the basis.
     """
-    size = vectors_per_probe * block.n * torch.finfo(block.dtype).bits // 8
-    return block.dtype, max(1, min(num_probes, int(memory_gb * 2**30 // size)))
+    size = vectors_per_probe * block.n * itemsize
+    return max(1, min(num_probes, int(memory_gb * 2**30 // size)))
 
 
 def _slq(
@@ -164,9 +164,10 @@ def _slq(
     sigma: float | None,
     memory_gb: float,
 ) -> SpectralDensity:
-    dtype, chunk = basis_plan(block, min(num_steps, block.n), num_probes, memory_gb)
+    steps = min(num_steps, block.n)
+    chunk = probes_at_once(block, steps, block.dtype.itemsize, num_probes, memory_gb)
     runs = [
-        _quadrature(lanczos_block(block, probes, num_steps, dtype), num_steps)
+        _quadrature(lanczos_block(block, probes, num_steps, block.dtype), num_steps)
         for probes in probe_chunks(block, generator, num_probes, chunk)
     ]
     nodes, weights = (np.concatenate(parts) for parts in zip(*runs, strict=True))
@@ -240,7 +241,7 @@ def _kpm(
     num_points: int,
     memory_gb: float,
 ) -> SpectralDensity:
-    chunk = max(1, int(memory_gb * 2**30 // (KPM_VECTORS * block.n * 8)))
+    chunk = probes_at_once(block, KPM_VECTORS, 8, num_probes, memory_gb)  # float64 vectors
     chunks = probe_chunks(block, generator, num_probes, chunk)
     first = next(chunks)
     low, high = _spectrum_bounds(block, first[:, :1])
