@@ -29,10 +29,11 @@ eigenvalue (:math:`\|A\|` is estimated by the largest Ritz value and product col
 the basis reaches ``ncv`` columns it is thick-restarted: :math:`V \leftarrow V Y` for the Ritz
 vectors of the wanted end that fill half of it. A basis of ``n`` columns spans the whole space,
 so with ``ncv = n`` (the block method's default up to ``n = 120`` within ``memory_gb``) the
-method is exact after at most about ``n`` products. A block without new directions (an invariant subspace, e.g. the range of a low-rank
-operator plus :math:`X`) is refilled with random vectors; such a subspace already holds every
-eigenspace whole or with :math:`p > k` of its directions, so its ``k`` wanted Ritz values are the
-wanted eigenvalues, none of them standing in for a copy it misses.
+method is exact after at most about ``n`` products. A block without new directions (an
+invariant subspace, e.g. the range of a low-rank operator plus :math:`X`) is refilled with
+random vectors; such a subspace already holds every eigenspace whole or with :math:`p > k` of
+its directions, so its ``k`` wanted Ritz values are the wanted eigenvalues, none of them
+standing in for a copy it misses.
 
 The same code with a block of one column is the single-vector thick-restart Lanczos method of
 ARPACK. It needs fewer column products on separated eigenvalues (0.5 to 0.6 of the block
@@ -59,6 +60,7 @@ from ..progress import counting
 from ..validation import check_positive_int, check_real
 from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
 from .checks import check_choice, check_optional_positive_int
+from .lanczos import TWICE_IS_ENOUGH
 
 __all__ = ["top_eigenvalues"]
 
@@ -66,7 +68,6 @@ WHICH = ("LA", "LM", "SA")
 GUARD = 1  # block columns beyond k
 BASIS = 120  # default basis size (ncv) at most, when the memory budget allows
 SINGLE_BASIS = 20  # the least basis of single-vector Lanczos (ARPACK's default ncv)
-TWICE_IS_ENOUGH = 2**-0.5  # a second Gram-Schmidt sweep where one removed more of the norm
 BLOCK_PAYS = 0.4  # blocks are used when a column in a block costs at most this of one alone
 CHEAP_COLUMN = 0.005  # seconds on the first batch: below it, always blocks (see _choose_width)
 
@@ -224,9 +225,10 @@ def _choose_width(
 
     Blocks pay when a column in a block of ``p`` costs at most ``BLOCK_PAYS`` of a column alone:
     block Lanczos spends about twice as many column products as a single vector on well
-    separated eigenvalues, and reads a larger basis at every step. The costs come from the operator's own timings; if the widths
-    were never multiplied, the first column and then the whole block are (one column's work is
-    wasted if blocks pay, the block's if not: once per operator). Blocks are kept for
+    separated eigenvalues, and reads a larger basis at every step. The costs come from the
+    operator's own timings; if the widths were never multiplied, the first column and then the
+    whole block are (one column's work is wasted if blocks pay, the block's if not: once per
+    operator). Blocks are kept for
     ``"SA"``, whose end is where a Hessian's or GGN's degenerate cluster lies (one vector sees
     it only once), and for operators whose column costs less than ``CHEAP_COLUMN`` seconds:
     there the choice saves little time, and timings that noisy would make reruns take

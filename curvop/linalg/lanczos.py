@@ -11,8 +11,8 @@ Krylov space :math:`\mathcal{K}_m(A, q_1)` in which :math:`A` is tridiagonal:
 The eigenvalues of :math:`T_m` (Ritz values) approximate the extremes of the spectrum; its
 eigenvectors' first components give the Gauss quadrature of :math:`q_1^\top f(A) q_1`. Every new
 vector is orthogonalized against the whole basis (a second time where the first sweep removed
-most of it), in float64: without it, rounding errors make Ritz values repeat ("ghost"
-eigenvalues), above all in float32.
+most of it), kept in float64 or, for SLQ, in the operator's dtype: without it, rounding errors
+make Ritz values repeat ("ghost" eigenvalues), above all in float32.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .checks import as_float64_vector
 
 __all__ = ["LanczosRun", "lanczos", "lanczos_block"]
 
-TWICE_IS_ENOUGH = 2**-0.5  # a second Gram-Schmidt sweep when one removed more of the norm
+TWICE_IS_ENOUGH = 2**-0.5  # a second Gram-Schmidt sweep where one removed more of the norm
 
 
 class LanczosRun(NamedTuple):
@@ -66,8 +66,7 @@ def _check_symmetric(
     tolerance times ``scale`` (the largest :math:`\|A q_i\|` so far, a lower bound of
     :math:`\|A\|` on the scale of the products' rounding errors; :math:`|\alpha_1|` alone can be
     tiny, a probe's Rayleigh quotient in a bulk near zero, and made rounding look like asymmetry)
-    raises
-    ``ValueError``.
+    raises ``ValueError``.
     """
     relative = coefficients.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
     worst = float(torch.where(active.to(relative.device), relative, 0.0).max())
