@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import peers
@@ -353,6 +354,24 @@ _BUILTIN_INTRO = (
 )
 
 
+def _operators(problem: Problem, kind: str, libraries: list[str]) -> dict[str, Any]:
+    """curvop's operator of ``kind`` and each peer's that has one (peers without it left out)."""
+    operators: dict[str, Any] = {"curvop": make_operator(problem, kind)}
+    for library in libraries:
+        peer = peers.build_peer(library, kind, problem.model, problem.loss_fn, problem.batches)
+        if peer is not None:
+            operators[library] = peer
+    return operators
+
+
+def _products(problem: Problem, kind: str, v: torch.Tensor, libraries: list[str]) -> dict:
+    """One product with ``v`` by curvop (``apply``) and by each peer (its ``matvec``)."""
+    return {
+        name: operator.apply(v) if name == "curvop" else operator.matvec(v)
+        for name, operator in _operators(problem, kind, libraries).items()
+    }
+
+
 def _peer_agreement(config: Config, libraries: list[str]) -> str:
     rows = []
     cases = [*synthetic_problems(config), mlp_variant(config, samples=1000, batch_size=128)]
@@ -369,13 +388,7 @@ def _peer_agreement(config: Config, libraries: list[str]) -> str:
             v = v64.to(dtype)
             for kind in OPERATORS:
                 row: list[object] = [problem.name, dtype_name, problem.layout, LABELS[kind]]
-                products = {"curvop": make_operator(problem, kind).apply(v)}
-                for library in libraries:
-                    peer = peers.build_peer(
-                        library, kind, problem.model, problem.loss_fn, problem.batches
-                    )
-                    if peer is not None:
-                        products[library] = peer.matvec(v)
+                products = _products(problem, kind, v, libraries)
                 for name in ["curvop", *libraries]:
                     if name not in products:
                         row.append("–")
@@ -393,13 +406,10 @@ def _peer_eigsh(config: Config, libraries: list[str]) -> str:
     for problem, truth in cases:
         dtype_name = str(problem.dtype).removeprefix("torch.")
         for kind in ("hessian", "ggn"):
-            operators: dict[str, LinearOperator] = {"curvop": make_operator(problem, kind)}
-            for library in libraries:
-                peer = peers.build_peer(
-                    library, kind, problem.model, problem.loss_fn, problem.batches
-                )
-                if peer is not None:
-                    operators[library] = peer.scipy()
+            operators: dict[str, LinearOperator] = {
+                name: operator if name == "curvop" else operator.scipy()
+                for name, operator in _operators(problem, kind, libraries).items()
+            }
             eigenvalues, counts = {}, {}
             for name, operator in operators.items():
                 with counted_matvecs(operator) as asked:
@@ -463,13 +473,7 @@ def _peer_builtin(config: Config, libraries: list[str]) -> str:
         problem = reference_problem if dtype == torch.float64 else reference_problem.to(dtype)
         v = v64.to(dtype)
         for kind in OPERATORS:
-            products = {"curvop": make_operator(problem, kind).apply(v)}
-            for library in libraries:
-                peer = peers.build_peer(
-                    library, kind, problem.model, problem.loss_fn, problem.batches
-                )
-                if peer is not None:
-                    products[library] = peer.matvec(v)
+            products = _products(problem, kind, v, libraries)
             for name, product in products.items():
                 rows.append(
                     [
