@@ -1,5 +1,6 @@
 """curvop: curvature of PyTorch models as SciPy LinearOperators."""
 
+from .counting import ProductCount, count_products
 from .functional import approximate_hvp, exact_hvp, gauss_newton_product, hessian_trace, model_hvp
 from .layout import ParamLayout
 from .linalg import (
@@ -38,9 +39,11 @@ __all__ = [
     "IdentityOperator",
     "KinkError",
     "ParamLayout",
+    "ProductCount",
     "SolveResult",
     "SpectralDensity",
     "approximate_hvp",
+    "count_products",
     "exact_hvp",
     "gauss_newton_product",
     "hessian_trace",

@@ -10,13 +10,12 @@ runs silently.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
+from .counting import count_products
 
 __all__ = ["bar", "counting"]
 
@@ -54,10 +53,5 @@ def counting(block: Any, enabled: bool, total: int | None, description: str) -> 
         if progress is None:
             yield block
             return
-
-        def product(V: torch.Tensor) -> torch.Tensor:
-            result = block.product(V)
-            progress.update(V.shape[1] if V.dim() == 2 else 1)
-            return result
-
-        yield dataclasses.replace(block, product=product)
+        with count_products(block, progress.update):
+            yield block

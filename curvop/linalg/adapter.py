@@ -9,7 +9,7 @@ round trip through ``matmat`` on the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,17 @@ class BlockOperator:
     symmetry_tolerance: float
     column_seconds: Callable[[int], float | None] | None = None
     process_group: Any = None
+    product_observers: list = field(default_factory=list)  # see curvop.counting
+
+    def __post_init__(self) -> None:
+        product = self.product
+
+        def observed(V: torch.Tensor) -> torch.Tensor:
+            for observe in self.product_observers:
+                observe(V.shape[1])
+            return product(V)
+
+        object.__setattr__(self, "product", observed)
 
     @property
     def measures_cost(self) -> bool:

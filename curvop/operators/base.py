@@ -179,6 +179,7 @@ class CurvatureOperator(LinearOperator):
     ) -> None:
         self._objective, self._kernel, self.reduction = objective, kernel, reduction
         self.process_group = process_group
+        self.product_observers: list = []  # see curvop.counting
         self.layout = ParamLayout(objective.params)
         dtype = torch.empty((), dtype=self.layout.dtype).numpy().dtype
         super().__init__(dtype=dtype, shape=(self.layout.size, self.layout.size))
@@ -238,6 +239,8 @@ class CurvatureOperator(LinearOperator):
             parts = torch.split(block, self.max_block_columns, dim=1)
             return torch.cat([self.block_product(part).T for part in parts]).T
         k = block.shape[1]
+        for observe in self.product_observers:
+            observe(k)
         partial, samples, failure = self._partial_product(block)
         if self.process_group is not None:
             partial, samples = allreduce_product(
