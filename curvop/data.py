@@ -2,7 +2,8 @@
 
 A batch is a 2-tuple or 2-list ``(inputs, targets)`` whose second element is a tensor. Its sample
 count is ``targets.shape[0]``. ``inputs`` is a tensor, a tuple of tensors (positional arguments
-of the model) or a dict of tensors (keyword arguments).
+of the model) or a mapping of tensors (a dict, a ``UserDict``, ...: keyword arguments). Tensors
+nested anywhere in mappings, tuples and lists are fingerprinted and moved to the device.
 
 Every pass records a cheap fingerprint of each batch (its shapes and dtypes, and three weighted
 sums of every tensor in it, invariant to the order of samples inside a batch, as is the loss).
@@ -14,7 +15,7 @@ silently return garbage.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +37,15 @@ class Batch:
         return int(self.targets.shape[0]) if self.targets.dim() > 0 else 1
 
     def model_args(self) -> tuple[tuple, dict]:
-        """Positional and keyword arguments for ``model(...)``."""
-        if isinstance(self.inputs, dict):
-            return (), self.inputs
+        """Positional and keyword arguments for ``model(...)``: a mapping is keyword arguments."""
+        if isinstance(self.inputs, Mapping):
+            return (), dict(self.inputs)
         if isinstance(self.inputs, tuple):
             return self.inputs, {}
         return (self.inputs,), {}
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the batch, nested ones (in tuples, lists, dicts) included."""
+        """Every tensor of the batch, nested ones (in tuples, lists, mappings) included."""
         return list(_tensors((self.inputs, self.targets)))
 
     def input_tensors(self) -> list[torch.Tensor]:
@@ -64,8 +65,8 @@ class Batch:
 def _tensors(item: Any) -> Iterator[torch.Tensor]:
     if isinstance(item, torch.Tensor):
         yield item
-    elif isinstance(item, dict | tuple | list):
-        for value in item.values() if isinstance(item, dict) else item:
+    elif isinstance(item, Mapping | tuple | list):
+        for value in item.values() if isinstance(item, Mapping) else item:
             yield from _tensors(value)
 
 
@@ -75,14 +76,29 @@ def is_single_batch(data: Any) -> bool:
 
 
 def map_tensors(item: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``item`` with ``function`` applied to every tensor in it (lists become tuples)."""
+    """``item`` with ``function`` applied to every tensor in it, nested ones included.
+
+    A mapping keeps its type where ``type(item)(a_dict)`` rebuilds it (``dict``, ``OrderedDict``,
+    ``UserDict`` and its subclasses), else it becomes a ``dict``; a named tuple keeps its type;
+    other tuples and lists become tuples. Anything else is returned as it is.
+    """
     if isinstance(item, torch.Tensor):
         return function(item)
-    if isinstance(item, dict):
-        return {key: map_tensors(value, function) for key, value in item.items()}
+    if isinstance(item, Mapping):
+        return _rebuilt({key: map_tensors(value, function) for key, value in item.items()}, item)
     if isinstance(item, tuple | list):
-        return tuple(map_tensors(value, function) for value in item)
+        values = [map_tensors(value, function) for value in item]
+        return type(item)(*values) if hasattr(item, "_fields") else tuple(values)
     return item
+
+
+def _rebuilt(mapped: dict, original: Mapping) -> Mapping:
+    """``mapped`` as a mapping of ``original``'s type, or a ``dict`` where that type cannot be
+    built from a dict (a ``defaultdict`` takes its default factory first)."""
+    try:
+        return type(original)(mapped)
+    except (TypeError, ValueError):
+        return mapped
 
 
 GOLDEN = (5**0.5 - 1) / 2
@@ -154,7 +170,7 @@ class DataSource:
                 f"(a list, a DataLoader), got a one-shot iterator {type(data).__name__}: an "
                 "operator passes over the data once per product, so pass list(data) instead"
             )
-        elif isinstance(data, Iterable) and not isinstance(data, str | bytes | dict):
+        elif isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping):
             self._data = data
         else:
             raise TypeError(
