@@ -7,7 +7,8 @@ parameters, optionally at a displaced point ``theta + d``. Two kinds exist:
   ``torch.func.functional_call``: the model's own parameters and buffers are never written (buffers
   are cloned per evaluation, so BatchNorm running statistics stay untouched).
 - :class:`ClosureObjective` calls a user closure ``func() -> loss`` that reads the parameters
-  directly; a displaced point is set in place and restored bitwise, also on an exception.
+  directly; a displaced point is set in place (through ``p.data``: version counters untouched)
+  and restored bitwise, also on an exception.
 
 Every evaluation of a batch runs under the same fixed random seed with the global random state
 saved and restored, so dropout draws the same mask in every product (the operator stays a fixed
@@ -299,6 +300,10 @@ class ClosureObjective:
     ):
         """Yield ``(loss, params)`` with the parameters displaced in place, restored bitwise.
 
+        The parameters are written through ``p.data``, which leaves their version counters as
+        they were: a graph the caller built before (``loss = f(params)``) still backpropagates
+        afterwards, instead of raising "modified by an inplace operation".
+
         ``dtype`` must be ``None``: a closure reads its parameters and data itself, so it can
         only be evaluated in their own precision.
         """
@@ -307,16 +312,14 @@ class ClosureObjective:
         saved = [p.detach().clone() for p in self.params] if displacement is not None else []
         try:
             if displacement is not None:
-                with torch.no_grad():
-                    for p, d in zip(self.params, displacement, strict=True):
-                        p.add_(d)
+                for p, d in zip(self.params, displacement, strict=True):
+                    p.data.add_(d)
             with isolated_rng(self.params[0].device, self.seed + batch.index):
                 loss = check_scalar_loss(self.func(), "returned by func")
             yield loss, self.params
         finally:
-            with torch.no_grad():
-                for p, original in zip(self.params, saved, strict=False):
-                    p.copy_(original)
+            for p, original in zip(self.params, saved, strict=False):
+                p.data.copy_(original)
 
 
 def _displaced_leaves(
