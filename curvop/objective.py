@@ -18,13 +18,14 @@ matrix) and the user's random state is never consumed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from .data import Batch, DataSource
 from .layout import as_tensor_list
@@ -123,12 +124,12 @@ def output_selector(output: OutputSelector) -> Callable[[Any], Any] | None:
         )
 
     def select(value: Any) -> Any:
-        if isinstance(output, str) and not isinstance(value, dict) and hasattr(value, output):
+        if isinstance(output, str) and not isinstance(value, Mapping) and hasattr(value, output):
             return getattr(value, output)
         try:
             return value[output]
         except (KeyError, IndexError, TypeError) as error:
-            keys = f" (keys: {list(value)})" if isinstance(value, dict) else ""
+            keys = f" (keys: {list(value)})" if isinstance(value, Mapping) else ""
             raise ValueError(
                 f"output={output!r} does not select anything from the model's output, a "
                 f"{type(value).__name__}{keys}"
@@ -169,6 +170,134 @@ def _explain_length_mismatch(error: Exception, batch: Batch, output: Any) -> Non
         ) from error
 
 
+def _explain_structured_output(error: Exception, batch: Batch, output: Any) -> None:
+    """Raise a ``TypeError`` naming what the model returned and the ``output=`` that picks a
+    tensor out of it, when the loss failed on an output that is not a tensor (a dict, a tuple,
+    a Hugging Face ``ModelOutput``); otherwise return."""
+    if isinstance(output, torch.Tensor):
+        return
+    described, choice = _describe_output(output)
+    if choice is None:
+        fix = "pass output=a callable that returns the tensor the loss is computed from"
+    else:
+        shown = f'"{choice}"' if isinstance(choice, str) else str(choice)
+        fix = (
+            f"pass output={shown} to the operator to compute the loss from that tensor "
+            f"(curvop analyze: --output {choice})"
+        )
+    raise TypeError(
+        f"batch {batch.index}: loss_fn was given the model's output ({described}) instead of "
+        f"a tensor, and raised; {fix}. The loss raised: {type(error).__name__}: {error}"
+    ) from error
+
+
+def _describe_output(output: Any) -> tuple[str, str | int | None]:
+    """What the model returned, in words, and the key, index or attribute of the tensor the loss
+    most likely wants (``"logits"`` where there is one, else the first floating-point tensor)."""
+    kind = type(output).__name__
+    if isinstance(output, Mapping):
+        items, described = list(output.items()), f"{kind} with keys {list(output)}"
+    elif isinstance(output, tuple | list):
+        items, described = list(enumerate(output)), f"{kind} of {len(output)} values"
+    else:
+        attributes = getattr(output, "__dict__", {})
+        items = [(name, v) for name, v in attributes.items() if isinstance(v, torch.Tensor)]
+        names = [name for name, _ in items]
+        described = f"{kind} with tensor attributes {names}" if names else kind
+    candidates = [
+        name
+        for name, value in items
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    ]
+    choice = "logits" if "logits" in candidates else next(iter(candidates), None)
+    return described, choice
+
+
+def _explain_swapped_arguments(
+    error: Exception, batch: Batch, output: torch.Tensor, loss_fn: Callable
+) -> None:
+    """Raise a ``TypeError`` when the loss failed on integer targets and a floating-point output
+    but works with the two swapped (``lambda targets, output: ...``); otherwise return."""
+    targets = batch.targets
+    if targets.is_floating_point() or not output.is_floating_point():
+        return
+    try:
+        with torch.no_grad():
+            swapped = loss_fn(targets, output)
+    except Exception:
+        return
+    if isinstance(swapped, torch.Tensor):
+        raise TypeError(
+            f"batch {batch.index}: loss_fn raised on (output, targets) but works on (targets, "
+            f"output): it is called as loss_fn(output, targets), with the model's output "
+            f"({output.dtype}, shape {tuple(output.shape)}) first and the targets ({targets.dtype}, "
+            f"shape {tuple(targets.shape)}) second, and its arguments look swapped; swap them "
+            f"in its definition. The loss raised: {type(error).__name__}: {error}"
+        ) from error
+
+
+# losses that compare output and targets element by element and only warn when their shapes
+# differ, then broadcast (a (N, 1) output against (N,) targets gives a wrong (N, N) loss)
+BROADCASTING_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+BROADCASTING_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+
+
+def _check_shapes_match(batch: Batch, output: Any, loss_fn: Callable) -> None:
+    """Raise a ``ValueError`` when an element-wise loss of torch's got an output and targets of
+    different shapes (which it would silently broadcast); otherwise return."""
+    elementwise = isinstance(loss_fn, BROADCASTING_LOSSES) or any(
+        loss_fn is function for function in BROADCASTING_FUNCTIONS
+    )
+    if elementwise and isinstance(output, torch.Tensor) and output.shape != batch.targets.shape:
+        raise ValueError(_shape_mismatch(batch, output, "loss_fn would broadcast them"))
+
+
+def _explain_shape_mismatch(error: Exception, batch: Batch, output: torch.Tensor) -> None:
+    """Raise a ``ValueError`` when the loss failed on floating-point targets whose shape does
+    not broadcast against the output's; otherwise return."""
+    targets = batch.targets
+    if not targets.is_floating_point() or output.shape == targets.shape:
+        return
+    try:
+        torch.broadcast_shapes(output.shape, targets.shape)
+    except RuntimeError:
+        reason = f"loss_fn raised {type(error).__name__}: {error}"
+        raise ValueError(_shape_mismatch(batch, output, reason)) from error
+
+
+def _shape_mismatch(batch: Batch, output: torch.Tensor, reason: str) -> str:
+    """The message of a shape mismatch between ``output`` and the targets, with the fix."""
+    shape, targets = tuple(output.shape), batch.targets
+    if output.dim() == targets.dim() + 1 and shape[-1] == 1:
+        fix = ": targets.unsqueeze(-1)"
+    elif output.dim() == 2 and targets.dim() == 1:
+        fix = (
+            f" (one value per output; for class labels, one-hot targets "
+            f"F.one_hot(labels, {shape[1]}).to(output.dtype), or nn.CrossEntropyLoss with the "
+            "integer labels)"
+        )
+    else:
+        fix = ""
+    return (
+        f"batch {batch.index}: the targets have shape {tuple(targets.shape)} but the model's "
+        f"output {shape}, and {reason}; give targets of the output's shape {shape}{fix}"
+    )
+
+
+def _check_loss_instance(loss_fn: Any) -> None:
+    """Raise a clear ``TypeError`` unless ``loss_fn`` is callable as ``loss_fn(output, targets)``
+    (a loss class such as ``nn.CrossEntropyLoss`` instead of an instance would be constructed
+    with the output as its first argument)."""
+    if isinstance(loss_fn, type) and issubclass(loss_fn, nn.Module):
+        prefix = "nn." if loss_fn.__module__.startswith("torch.nn") else ""
+        raise TypeError(
+            f"loss_fn must be a loss instance, got the class {prefix}{loss_fn.__name__}; pass an "
+            f"instance: {prefix}{loss_fn.__name__}()"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
 class ModelObjective:
     """``loss_fn(model(inputs), targets)`` per batch, as a pure function of ``params``."""
 
@@ -180,8 +309,7 @@ class ModelObjective:
         params: list[torch.Tensor],
         output: OutputSelector = None,
     ):
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        _check_loss_instance(loss_fn)
         self.model, self.loss_fn, self.params = model, loss_fn, params
         self.select = output_selector(output)
         position = {id(p): i for i, p in enumerate(params)}
@@ -230,11 +358,18 @@ class ModelObjective:
         return output if self.select is None else self.select(output)
 
     def loss_of_output(self, batch: Batch, output: Any) -> torch.Tensor:
+        """``loss_fn(output, targets)`` of ``batch``, checked to be a scalar; when the loss
+        raises, the likely mistake (an output that is not a tensor, targets of another length or
+        shape, swapped arguments) is named, with the loss's error chained."""
         try:
             loss = self.loss_fn(output, batch.targets)
         except Exception as error:
+            _explain_structured_output(error, batch, output)
             _explain_length_mismatch(error, batch, output)
+            _explain_swapped_arguments(error, batch, output, self.loss_fn)
+            _explain_shape_mismatch(error, batch, output)
             raise
+        _check_shapes_match(batch, output, self.loss_fn)
         return check_scalar_loss(loss, f"of batch {batch.index}")
 
     def loss_function(self, batch: Batch) -> Callable[..., torch.Tensor]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import pytest
 import torch
+from torch import nn
 
 import curvop
 
@@ -64,3 +68,134 @@ def test_a_closure_that_raises_leaves_values_and_versions_as_they_were():
     assert len(calls) == 2 and not torch.equal(calls[1], before[0])  # raised while displaced
     assert [p._version for p in params] == versions
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+class _Logits(nn.Module):
+    """A linear classifier whose output wraps its logits: a dict, a tuple or an object."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.linear, self.wrap = nn.Linear(4, 3).double(), wrap
+
+    def forward(self, x: torch.Tensor):
+        return self.wrap(self.linear(x), x)
+
+
+@dataclass
+class _ModelOutput:
+    """Like a Hugging Face output: attributes, some of them None."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def _classification(size: int = 8):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(size, 4, generator=generator, dtype=F64)
+    return x, torch.randint(0, 3, (size,), generator=generator)
+
+
+def _product_error(model, loss_fn, data, error_type, **options) -> BaseException:
+    operator = curvop.HessianOperator(model, loss_fn, data, **options)
+    with pytest.raises(error_type) as raised:
+        operator.apply(torch.ones(operator.shape[0], dtype=F64))
+    return raised.value
+
+
+STRUCTURED_OUTPUTS = {
+    "dict": (
+        lambda logits, x: {"hidden": x, "logits": logits},
+        r"output \(dict with keys \['hidden', 'logits'\]\) instead of a tensor.*"
+        r'pass output="logits" .*--output logits',
+        "logits",
+    ),
+    "tuple": (
+        lambda logits, x: (logits, x),
+        r"output \(tuple of 2 values\) instead of a tensor.*pass output=0 .*--output 0",
+        0,
+    ),
+    "object": (
+        lambda logits, x: _ModelOutput(None, logits),
+        r"output \(_ModelOutput with tensor attributes \['logits'\]\).*pass output=\"logits\"",
+        "logits",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("wrap", "message", "selector"), STRUCTURED_OUTPUTS.values(), ids=STRUCTURED_OUTPUTS.keys()
+)
+def test_an_output_that_is_not_a_tensor_names_the_selector(wrap, message, selector):
+    data = _classification()
+    model = _Logits(wrap)
+    error = _product_error(model, nn.CrossEntropyLoss(), data, TypeError)
+    assert re.search(message, str(error)) and str(error).startswith("batch 0: loss_fn")
+    assert isinstance(error.__cause__, TypeError) and "must be Tensor" in str(error.__cause__)
+    selected = curvop.HessianOperator(model, nn.CrossEntropyLoss(), data, output=selector)
+    reference = curvop.HessianOperator(model.linear, nn.CrossEntropyLoss(), data)
+    torch.testing.assert_close(selected.to_dense(), reference.to_dense(), rtol=0, atol=0)
+
+
+def test_an_output_without_a_floating_tensor_suggests_a_callable():
+    model = _Logits(lambda logits, x: {"labels": logits.argmax(1)})
+    error = _product_error(model, nn.CrossEntropyLoss(), _classification(), TypeError)
+    assert "pass output=a callable that returns the tensor" in str(error)
+
+
+def test_a_loss_class_instead_of_an_instance_is_rejected_at_construction():
+    with pytest.raises(TypeError, match=r"got the class nn\.CrossEntropyLoss; pass an instance: "):
+        curvop.HessianOperator(nn.Linear(4, 3), nn.CrossEntropyLoss, _classification())
+
+
+def test_swapped_loss_arguments_are_named():
+    cross_entropy = nn.CrossEntropyLoss()
+    model = nn.Linear(4, 3).double()
+    error = _product_error(
+        model, lambda targets, output: cross_entropy(output, targets), _classification(), TypeError
+    )
+    assert re.search(
+        r"batch 0: loss_fn raised on \(output, targets\) but works on \(targets, output\): it is "
+        r"called as loss_fn\(output, targets\).*its arguments look swapped",
+        str(error),
+    )
+    assert "torch.int64, shape (8,)" in str(error) and "torch.float64, shape (8, 3)" in str(error)
+    assert isinstance(error.__cause__, NotImplementedError)
+
+
+def test_a_loss_error_on_integer_targets_that_is_not_a_swap_is_left_alone():
+    x, _ = _classification()
+    out_of_range = torch.full((8,), 5)
+    error = _product_error(
+        nn.Linear(4, 3).double(), nn.CrossEntropyLoss(), (x, out_of_range), IndexError
+    )
+    assert "Target 5 is out of bounds" in str(error)
+
+
+def test_targets_that_do_not_broadcast_name_both_shapes():
+    x = torch.randn(40, 4, dtype=F64)
+    with pytest.warns(UserWarning, match="target size"):  # torch warns, then fails to broadcast
+        error = _product_error(nn.Linear(4, 3).double(), nn.MSELoss(), (x, x[:, 0]), ValueError)
+    assert re.search(
+        r"batch 0: the targets have shape \(40,\) but the model's output \(40, 3\), and loss_fn "
+        r"raised RuntimeError: The size of tensor a.*give targets of the output's shape \(40, 3\) "
+        r"\(one value per output; for class labels, one-hot targets F.one_hot\(labels, 3\)",
+        str(error),
+    )
+    assert isinstance(error.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets_shape", "fix"),
+    [(1, (40,), r"\(40, 1\): targets.unsqueeze\(-1\)$"), (3, (40, 1), r"\(40, 3\)$")],
+)
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.functional.l1_loss])
+def test_targets_that_an_elementwise_loss_would_broadcast_are_rejected(
+    outputs, targets_shape, fix, loss_fn
+):
+    x = torch.randn(40, 4, dtype=F64)
+    data = (x, torch.randn(targets_shape, dtype=F64))
+    with pytest.warns(UserWarning, match="target size"):  # torch only warns, and broadcasts
+        error = _product_error(nn.Linear(4, outputs).double(), loss_fn, data, ValueError)
+    shapes = f"the targets have shape {targets_shape} but the model's output (40, {outputs})"
+    assert shapes in str(error) and "loss_fn would broadcast them" in str(error)
+    assert re.search(fix, str(error))
