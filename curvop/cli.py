@@ -381,41 +381,6 @@ def build_operator(
 
 
 # ---------------------------------------------------------------------------------- the analysis
-class _CountedProducts:
-    """Count the products of ``operator`` in a block, with a tqdm bar when installed (on a TTY).
-
-    Every product of a curvop operator, numpy or torch, goes through
-    ``operator.block_product``; it is wrapped on the instance for the duration of the block.
-    """
-
-    def __init__(self, operator: curvop.CurvatureOperator, description: str, total: int | None):
-        self.operator, self.count = operator, 0
-        self._bar = (
-            None
-            if tqdm is None
-            else tqdm(total=total, desc=description, unit=" products", leave=False, disable=None)
-        )
-
-    def __enter__(self) -> _CountedProducts:
-        block_product = self.operator.block_product
-
-        def counted(V: torch.Tensor) -> torch.Tensor:
-            result = block_product(V)
-            columns = V.shape[1]
-            self.count += columns
-            if self._bar is not None:
-                self._bar.update(columns)
-            return result
-
-        self.operator.block_product = counted
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        del self.operator.block_product
-        if self._bar is not None:
-            self._bar.close()
-
-
 @dataclass(frozen=True)
 class Settings:
     """What the analysis computes and how many products it may spend.
@@ -542,10 +507,27 @@ def _counted(
     total: int | None,
     compute: Callable[[], Any],
 ) -> tuple[Any, int]:
-    """``compute()`` and the number of products of ``operator`` it spent."""
-    with _CountedProducts(operator, description, total) as counted:
+    """``compute()`` and the number of column products of ``operator`` it spent, counted by
+    :func:`curvop.count_products` (with a progress bar on a terminal when tqdm is installed)."""
+    with (
+        _progress_bar(description, total) as advance,
+        curvop.count_products(operator, advance) as count,
+    ):
         result = compute()
-    return result, counted.count
+    return result, count.columns
+
+
+@contextmanager
+def _progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], Any] | None]:
+    """A tqdm bar's ``update`` (the bar shows on a terminal only), or ``None`` without tqdm."""
+    if tqdm is None:
+        yield None
+        return
+    bar = tqdm(total=total, desc=description, unit=" products", leave=False, disable=None)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------- the report

@@ -527,13 +527,20 @@ def test_progress_bars_on_a_terminal(user_file, outputs, monkeypatch):
     assert "products" in shown
 
 
-def test_products_are_counted_and_the_operator_restored(user_file):
+def test_products_are_counted_in_the_block_only(user_file):
     operator = cli.build_operator("hessian", *_user_problem(user_file))
-    with cli._CountedProducts(operator, "test", total=None) as counted:
+
+    def products() -> None:
+        # counted by the library's one counter, not by a wrapper on the instance
+        assert len(operator.product_observers) == 1 and "block_product" not in vars(operator)
         operator.apply(torch.ones(43, 3, dtype=torch.float64))  # three products
         operator @ np.ones(43)  # and one through SciPy
-    assert counted.count == 4
-    assert "block_product" not in vars(operator)
+
+    result, count = cli._counted(operator, "test", None, lambda: products() or "done")
+    assert (result, count) == ("done", 4)
+    assert operator.product_observers == []  # counting stopped after the block
+    operator @ np.ones(43)  # a product outside any block is counted nowhere
+    assert cli._counted(operator, "test", None, lambda: operator @ np.ones(43))[1] == 1
 
 
 BAD_ARGUMENTS = {
