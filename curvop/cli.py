@@ -109,6 +109,14 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _output_key(text: str) -> str | int:
+    """``--output``: an integer selects an index of a tuple, anything else a key or attribute."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _first_sentence(error: BaseException) -> str:
     """``Type: sentence``: the first sentence of an error that may run to many lines."""
     first_line = next(iter(str(error).strip().splitlines()), "")
@@ -220,7 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="hessian",
         help="hessian (exact, default), ggn (Gauss-Newton) or fd (finite-difference Hessian)",
     )
+    analyze.add_argument(
+        "--output",
+        type=_output_key,
+        metavar="KEY",
+        default=None,
+        help=(
+            "when the model returns more than a tensor, the one the loss is computed from: a key "
+            "of a dict (logits), an attribute (Hugging Face's logits) or, as an integer, an index "
+            "of a tuple (default: the whole output)"
+        ),
+    )
     _add_common_options(analyze, with_defaults=False)
+    parser.set_defaults(output=None)  # the main job's built-in model returns a tensor
     return parser
 
 
@@ -362,16 +382,22 @@ def _has_trainable_parameters(value: Any) -> bool:
 
 
 def build_operator(
-    kind: str, model: nn.Module, loss_fn: Callable, data: Any, source: Path | None = None
+    kind: str,
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    source: Path | None = None,
+    output: str | int | None = None,
 ) -> curvop.CurvatureOperator:
-    """The operator, checked by two products with the same vector (``check_deterministic``) and
-    by ``check_symmetric``, so that errors in the problem, data that
-    change between passes and an asymmetric operator (finite differences across ReLU kinks)
-    surface here in one line (pointing into ``source``, the user's file, when they were raised
-    there) instead of after a long eigensolver run."""
+    """The operator (``output`` picks the tensor the loss sees, as the operators' ``output=``),
+    checked by two products with the same vector (``check_deterministic``) and by
+    ``check_symmetric``, so that errors in the problem, data that change between passes and an
+    asymmetric operator (finite differences across ReLU kinks) surface here in one line
+    (pointing into ``source``, the user's file, when they were raised there) instead of after a
+    long eigensolver run."""
     label, cls = OPERATORS[kind]
     try:
-        operator = cls(model, loss_fn, data)
+        operator = cls(model, loss_fn, data, output=output)
         operator.check_deterministic()
         operator.check_symmetric()
     except Exception as error:
@@ -399,6 +425,9 @@ class Settings:
         SLQ probes and Lanczos steps per probe; ``None`` skips the density.
     device
         Where ``--device`` moved the model and data; ``None``: they stayed where they were.
+    output
+        ``--output``: the key, attribute or index of the tensor the loss is computed from;
+        ``None``: the model's whole output.
     """
 
     k: int
@@ -408,6 +437,7 @@ class Settings:
     density_probes: int | None
     density_steps: int | None
     device: torch.device | None
+    output: str | int | None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -419,6 +449,7 @@ class Settings:
             density_probes=None if args.no_density else args.density_probes,
             density_steps=None if args.no_density else args.density_steps,
             device=args.device,
+            output=args.output,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -430,6 +461,7 @@ class Settings:
             "density_probes": self.density_probes,
             "density_steps": self.density_steps,
             "device": None if self.device is None else str(self.device),
+            "output": self.output,
         }
 
     @property
@@ -672,7 +704,8 @@ def _operators_and_problem(
     if args.device is not None:
         model, data = move_to(args.device, model, data)
     operators = {
-        OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data, source) for kind in kinds
+        OPERATORS[kind][0]: build_operator(kind, model, loss_fn, data, source, args.output)
+        for kind in kinds
     }
     return operators, _describe(name, description, next(iter(operators.values())), data)
 

@@ -93,6 +93,25 @@ USER_FILE = textwrap.dedent(
         return Broken(2, 1), nn.MSELoss(), (torch.zeros(3, 2), torch.zeros(3, 1))
 
 
+    class Wrapped(nn.Module):
+        def __init__(self, model, wrap):
+            super().__init__()
+            self.model, self.wrap = model, wrap
+
+        def forward(self, x):
+            return self.wrap(self.model(x))
+
+
+    def dict_output():
+        model, loss_fn, data = problem()
+        return Wrapped(model, lambda logits: {"logits": logits, "aux": 2 * logits}), loss_fn, data
+
+
+    def tuple_output():
+        model, loss_fn, data = problem()
+        return Wrapped(model, lambda logits: (logits, None)), loss_fn, data
+
+
     NOT_A_FUNCTION = 3
     """
 )
@@ -355,6 +374,7 @@ def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys
         "density_probes": 10,
         "density_steps": 80,
         "device": None,
+        "output": None,
     }
     assert small["settings"] == {
         "k": 2,
@@ -363,6 +383,7 @@ def test_cost_flags_cut_the_products_and_are_recorded(user_file, outputs, capsys
         "density_probes": 2,
         "density_steps": 5,
         "device": None,
+        "output": None,
     }
     assert default["skipped"] == small["skipped"] == []
     report = small["operators"]["Hessian"]
@@ -409,6 +430,24 @@ def test_tol_goes_to_the_eigensolver(user_file, outputs, monkeypatch):
         assert summary["settings"]["tol"] == float(tol)
         products[tol] = summary["operators"]["Hessian"]["products"]["eigenvalues"]
     assert calls == [0.0, 1e-2] and products["1e-2"] < products["0"]
+
+
+@pytest.mark.parametrize(
+    ("function", "key", "recorded"), [("dict_output", "logits", "logits"), ("tuple_output", "0", 0)]
+)
+def test_output_picks_the_tensor_the_loss_sees(user_file, outputs, function, key, recorded):
+    options, _, summary_path = outputs
+    cheap = ["--k", "2", "--no-trace", "--no-density", *options]
+    assert cli.main(["analyze", f"{user_file}:problem", *cheap]) == 0
+    plain = json.loads(summary_path.read_text())
+    assert cli.main(["analyze", f"{user_file}:{function}", "--output", key, *cheap]) == 0
+    picked = json.loads(summary_path.read_text())
+    assert plain["settings"]["output"] is None and picked["settings"]["output"] == recorded
+    np.testing.assert_allclose(
+        picked["operators"]["Hessian"]["top_eigenvalues"],
+        plain["operators"]["Hessian"]["top_eigenvalues"],
+        rtol=1e-10,
+    )
 
 
 def test_version(capsys):
@@ -581,6 +620,16 @@ BAD_ARGUMENTS = {
     "tol nan": (["analyze", "{file}:problem", "--tol", "nan"], "--tol: must be a number >= 0"),
     "k too large": (["analyze", "{file}:problem", "--k", "43"], "use --k 42 or less"),
     "bad operator": (["analyze", "{file}:problem", "--operator", "kfac"], "invalid choice"),
+    "dict output without --output": (
+        ["analyze", "{file}:dict_output"],
+        "loss_fn was given the model's output (dict with keys ['logits', 'aux']) instead of a "
+        'tensor, and raised; pass output="logits" to the operator to compute the loss from that '
+        "tensor (curvop analyze: --output logits)",
+    ),
+    "output selects nothing": (
+        ["analyze", "{file}:tuple_output", "--output", "logits"],
+        "output='logits' does not select anything from the model's output, a tuple",
+    ),
     "no directory": (["--json", "{dir}/nowhere/s.json"], "--json: directory"),
     "a directory": (["--json", "{dir}"], "is a directory; give a file name"),
     "no directory for the plot": (
@@ -620,4 +669,5 @@ def test_python_dash_m(tmp_path):
 
 def test_help_exits_zero(capsys):
     assert cli.main(["analyze", "--help"]) == 0
-    assert "--operator {hessian,ggn,fd}" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "--operator {hessian,ggn,fd}" in shown and "--output KEY" in shown
