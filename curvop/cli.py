@@ -137,7 +137,10 @@ def _add_common_options(parser: argparse.ArgumentParser, *, with_defaults: bool)
 def _add_computation_options(parser: argparse.ArgumentParser, default: Callable) -> None:
     """What to compute and how many products to spend on it."""
     parser.add_argument(
-        "--k", type=_positive_int, default=default(5), help="number of top eigenvalues (5)"
+        "--k",
+        type=_positive_int,
+        default=default(5),
+        help="number of top eigenvalues (5; at most n, the number of parameters: the whole spectrum)",
     )
     parser.add_argument(
         "--tol",
@@ -670,8 +673,8 @@ def _run(args: argparse.Namespace) -> int:
     json_path = _check_output_path("--json", args.json)
     operators, problem = _operators_and_problem(args)
     n = problem["num_params"]
-    if args.k >= n:
-        raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n - 1} or less")
+    if args.k > n:
+        raise UsageError(f"--k {args.k} is too large for n={n} parameters; use --k {n} or less")
     print("\n".join([problem["description"], *_notes(operators.values()), ""]))
     analyses = [analyze(label, op, settings) for label, op in operators.items()]
     print(format_table(analyses, args.k) + "\n")

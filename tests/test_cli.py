@@ -432,6 +432,15 @@ def test_tol_goes_to_the_eigensolver(user_file, outputs, monkeypatch):
     assert calls == [0.0, 1e-2] and products["1e-2"] < products["0"]
 
 
+def test_k_n_gives_the_whole_spectrum(user_file, outputs):
+    options, _, summary_path = outputs
+    argv = ["analyze", f"{user_file}:problem", "--k", "43", "--no-trace", "--no-density"]
+    assert cli.main([*argv, *options]) == 0
+    top = json.loads(summary_path.read_text())["operators"]["Hessian"]["top_eigenvalues"]
+    eigenvalues = np.linalg.eigvalsh(_dense(user_file, "hessian"))[::-1]
+    np.testing.assert_allclose(top, eigenvalues, rtol=1e-8, atol=1e-10 * eigenvalues[0])
+
+
 @pytest.mark.parametrize(
     ("function", "key", "recorded"), [("dict_output", "logits", "logits"), ("tuple_output", "0", 0)]
 )
@@ -618,7 +627,7 @@ BAD_ARGUMENTS = {
     ),
     "tol negative": (["--tol", "-1"], "--tol: must be a number >= 0"),
     "tol nan": (["analyze", "{file}:problem", "--tol", "nan"], "--tol: must be a number >= 0"),
-    "k too large": (["analyze", "{file}:problem", "--k", "43"], "use --k 42 or less"),
+    "k too large": (["analyze", "{file}:problem", "--k", "44"], "use --k 43 or less"),
     "bad operator": (["analyze", "{file}:problem", "--operator", "kfac"], "invalid choice"),
     "dict output without --output": (
         ["analyze", "{file}:dict_output"],
