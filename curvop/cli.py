@@ -195,13 +195,16 @@ def _add_output_options(parser: argparse.ArgumentParser, default: Callable) -> N
         "--density",
         metavar="PATH",
         default=default(DEFAULT_DENSITY),
-        help=f"where to write the spectral density plot ({DEFAULT_DENSITY}; .png if no suffix)",
+        help=(
+            f"where to write the spectral density plot ({DEFAULT_DENSITY}; .png if no suffix; "
+            "missing directories are created)"
+        ),
     )
     parser.add_argument(
         "--json",
         metavar="PATH",
         default=default(DEFAULT_JSON),
-        help=f"where to write the JSON summary ({DEFAULT_JSON})",
+        help=f"where to write the JSON summary ({DEFAULT_JSON}; missing directories are created)",
     )
 
 
@@ -248,12 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_path(option: str, path: str) -> Path:
+    """``path``, checked before any work: not a directory, and in a directory that exists or
+    can be created (its missing parents are created when the file is written, by
+    :func:`_with_parents`)."""
     if Path(path).is_dir():
         raise UsageError(f"{option}: {path!r} is a directory; give a file name")
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"{option}: directory {str(parent)!r} does not exist; create it first")
+    existing = next(parent for parent in Path(path).resolve().parents if parent.exists())
+    if not existing.is_dir():
+        raise UsageError(
+            f"{option}: {str(existing)!r} is a file, not a directory, so {path!r} cannot be "
+            "written; give a path in a directory"
+        )
     return Path(path)
+
+
+def _with_parents(path: Path) -> Path:
+    """``path``, once its missing parent directories are created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _density_path(path: str) -> Path:
@@ -626,7 +641,7 @@ def plot_densities(analyses: Sequence[Analysis], path: Path, settings: Settings)
     ax.set_title(f"spectral density (SLQ, {probes} probes x {steps} steps)")
     ax.legend()
     try:
-        figure.savefig(path, dpi=120)
+        figure.savefig(_with_parents(path), dpi=120)
     except Exception as error:  # after all the work, still one line, not matplotlib's traceback
         raise UsageError(f"--density: writing {path} failed: {_one_line(error)}") from None
     return f"wrote {path}"
@@ -645,7 +660,7 @@ def write_summary(
         "skipped": settings.skipped,
         "operators": {a.name: a.summary(settings) for a in analyses},
     }
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    _with_parents(path).write_text(json.dumps(summary, indent=2) + "\n")
     return f"wrote {path}"
 
 

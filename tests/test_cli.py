@@ -520,6 +520,22 @@ def test_density_in_another_format(user_file, tmp_path, capsys):
     assert f"wrote {density}\n" in capsys.readouterr().out
 
 
+def test_missing_output_directories_are_created(user_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the README's example, on a fresh checkout: no out/ yet
+    options = ["--density", "out/density.pdf", "--json", "out/summary.json"]
+    assert cli.main(["analyze", f"{user_file}:problem", "--k", "1", *SMALL_BUDGET, *options]) == 0
+    assert (tmp_path / "out/density.pdf").read_bytes()[:5] == b"%PDF-"
+    assert json.loads((tmp_path / "out/summary.json").read_text())["settings"]["k"] == 1
+    assert "wrote out/summary.json\nwrote out/density.pdf\n" in capsys.readouterr().out
+
+
+def test_output_directories_are_not_created_when_the_run_fails(user_file, tmp_path, capsys):
+    options = ["--density", str(tmp_path / "a/d.png"), "--json", str(tmp_path / "b/c/s.json")]
+    assert cli.main(["analyze", f"{user_file}:fails", *options]) == 2
+    assert "no data here" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_bad_density_suffix_stops_before_any_work(tmp_path, monkeypatch, capsys):
     def no_work(*args, **kwargs):
         raise AssertionError("the problem was loaded before the arguments were checked")
@@ -639,15 +655,18 @@ BAD_ARGUMENTS = {
         ["analyze", "{file}:tuple_output", "--output", "logits"],
         "output='logits' does not select anything from the model's output, a tuple",
     ),
-    "no directory": (["--json", "{dir}/nowhere/s.json"], "--json: directory"),
-    "a directory": (["--json", "{dir}"], "is a directory; give a file name"),
-    "no directory for the plot": (
-        ["analyze", "{file}:problem", "--density", "{dir}/x/d.png"],
-        "--density: directory",
+    "a file for a directory": (
+        ["--json", "{file}/nowhere/s.json"],
+        "--json: '{file}' is a file, not a directory, so '{file}/nowhere/s.json' cannot be written",
     ),
-    "no directory for the plot without suffix": (
-        ["--density", "{dir}/x/d"],
-        "--density: directory",
+    "a directory": (["--json", "{dir}"], "is a directory; give a file name"),
+    "a file for the plot's directory": (
+        ["analyze", "{file}:problem", "--density", "{file}/d.png"],
+        "--density: '{file}' is a file, not a directory",
+    ),
+    "a file for the plot's directory without suffix": (
+        ["--density", "{file}/x/d"],
+        "--density: '{file}' is a file, not a directory",
     ),
     "plot suffix": (["analyze", "{file}:problem", "--density", "d.json"], "cannot write '.json'"),
 }
@@ -656,6 +675,7 @@ BAD_ARGUMENTS = {
 @pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
 def test_bad_arguments_give_one_line_and_exit_code_2(user_file, capsys, argv, message):
     argv = [a.format(file=user_file, dir=user_file.parent) for a in argv]
+    message = message.format(file=user_file)
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
