@@ -40,7 +40,7 @@ VARIANTS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Problem:
     """A model, its loss and its data: the three arguments of every curvature operator.
 
@@ -88,15 +88,21 @@ class Problem:
         total = sum(self.loss_fn(self.model(x), y) * len(y) for x, y in self.data)
         return total / self.num_samples
 
+    def __repr__(self) -> str:
+        """One line, without the data's tensors (and without running the model: no loss)."""
+        return f"<Problem {self.name}: {self._sizes()}>"
+
     def describe(self) -> str:
         """One line: data, architecture, size and training state."""
         sizes = [layer.in_features for layer in self.model if isinstance(layer, nn.Linear)]
         architecture = "-".join(map(str, [*sizes, NUM_CLASSES]))
+        return f"{self.name}: {architecture} tanh MLP, {self._sizes()} (loss {self.loss():.4f})"
+
+    def _sizes(self) -> str:
         state = "trained" if self.trained else "untrained"
         return (
-            f"{self.name}: {architecture} tanh MLP, {self.num_params:,} parameters, "
-            f"{self.num_samples:,} samples in {len(self.data)} batches, {state} "
-            f"(loss {self.loss():.4f})"
+            f"{self.num_params:,} parameters, {self.num_samples:,} samples in {len(self.data)} "
+            f"batches, {state}"
         )
 
 

@@ -102,3 +102,11 @@ def test_loss_and_gradient_are_over_all_samples():
     torch.testing.assert_close(problem.gradient(), torch.cat([g.reshape(-1) for g in expected]))
     assert problem.loss() == pytest.approx(loss.item(), rel=1e-12)
     assert problem.gradient().shape == (problem.num_params,)
+
+
+def test_repr_is_one_short_line():
+    problem = load_problem("tiny", dataset="synthetic", trained=False)
+    assert repr(problem) == (
+        "<Problem synthetic-tiny: 610 parameters, 400 samples in 4 batches, untrained>"
+    )
+    assert len(repr(load_problem(dataset="synthetic"))) < 100
