@@ -16,6 +16,7 @@ import torch
 
 import curvop
 from curvop import cli
+from curvop.problems import load_problem
 
 USER_FILE = textwrap.dedent(
     """
@@ -157,7 +158,9 @@ def test_main_job_on_the_builtin_problem(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    assert "digits" in out and "2,410 parameters" in out
+    # the digits with scikit-learn, synthetic data of the same shape without
+    assert out.splitlines()[0] == load_problem().describe()
+    assert "2,410 parameters" in out
     assert "Hessian" in out and "GGN" in out and "trace (XTrace)" in out
     assert _is_png(tmp_path / "spectral_density.png")
     summary = json.loads((tmp_path / "curvop_summary.json").read_text())
