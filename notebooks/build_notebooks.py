@@ -169,11 +169,12 @@ TOP_EIGENVALUES = [
         ## Against the dense matrix
 
         The tiny variant (a 64-8-10 MLP on 400 samples, 610 parameters) is small enough to build
-        the whole matrix with `to_dense()` (block products with the identity, 256 columns at a
-        time) and diagonalize it with numpy. Both `eigsh` and `curvop.top_eigenvalues` match the
-        exact top eigenvalues to eight digits. `which="SA"` finds the bottom of the spectrum: the Hessian of the trained
-        network has small negative eigenvalues (it is indefinite), while the GGN is positive
-        semi-definite by construction.
+        the whole matrix with `to_dense()` (block products with the identity: a block of columns
+        at a time, in one pass over the data each) and diagonalize it with numpy. Both `eigsh`
+        and `curvop.top_eigenvalues` match the exact top eigenvalues to eight digits.
+        `which="SA"` finds the bottom of the spectrum: the Hessian of the trained network has
+        small negative eigenvalues (it is indefinite), while the GGN is positive semi-definite
+        by construction.
         """
     ),
     code(
