@@ -140,7 +140,7 @@ def _add_computation_options(parser: argparse.ArgumentParser, default: Callable)
         "--k",
         type=_positive_int,
         default=default(5),
-        help="number of top eigenvalues (5; at most n, the number of parameters: the whole spectrum)",
+        help="number of top eigenvalues (5; up to n, the number of parameters: all of them)",
     )
     parser.add_argument(
         "--tol",

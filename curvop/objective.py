@@ -111,7 +111,7 @@ OutputSelector = str | int | Callable[[Any], torch.Tensor] | None
 def output_selector(output: OutputSelector) -> Callable[[Any], Any] | None:
     """What picks the tensor the loss is computed from out of the model's output.
 
-    ``None`` keeps the output as it is; a string is a key (``"logits"`` of a dict, or an
+    ``None`` keeps the output as it is; a string is a key (``"logits"`` of a mapping, or an
     attribute such as Hugging Face's ``.logits``); an integer indexes a tuple; a callable is
     applied to the output.
     """
@@ -230,9 +230,10 @@ def _explain_swapped_arguments(
         raise TypeError(
             f"batch {batch.index}: loss_fn raised on (output, targets) but works on (targets, "
             f"output): it is called as loss_fn(output, targets), with the model's output "
-            f"({output.dtype}, shape {tuple(output.shape)}) first and the targets ({targets.dtype}, "
-            f"shape {tuple(targets.shape)}) second, and its arguments look swapped; swap them "
-            f"in its definition. The loss raised: {type(error).__name__}: {error}"
+            f"({output.dtype}, shape {tuple(output.shape)}) first and the targets "
+            f"({targets.dtype}, shape {tuple(targets.shape)}) second, and its arguments look "
+            f"swapped; swap them in its definition. The loss raised: {type(error).__name__}: "
+            f"{error}"
         ) from error
 
 
@@ -364,7 +365,7 @@ class ModelObjective:
         try:
             loss = self.loss_fn(output, batch.targets)
         except Exception as error:
-            _explain_structured_output(error, batch, output)
+            _explain_structured_output(error, batch, output)  # returns for a tensor only
             _explain_length_mismatch(error, batch, output)
             _explain_swapped_arguments(error, batch, output, self.loss_fn)
             _explain_shape_mismatch(error, batch, output)
