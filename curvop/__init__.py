@@ -19,17 +19,21 @@ from .linalg import (
     xtrace,
 )
 from .operators import (
+    BlockOperator,
     CurvatureOperator,
     FiniteDifferenceHessianOperator,
     GaussNewtonOperator,
     HessianOperator,
     IdentityOperator,
     KinkError,
+    LinearCombination,
+    ProductCost,
 )
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BlockOperator",
     "ConvergenceWarning",
     "CurvatureOperator",
     "Estimate",
@@ -38,7 +42,9 @@ __all__ = [
     "HessianOperator",
     "IdentityOperator",
     "KinkError",
+    "LinearCombination",
     "ParamLayout",
+    "ProductCost",
     "ProductCount",
     "SolveResult",
     "SpectralDensity",

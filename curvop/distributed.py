@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistributedError",
+    "agree_on_measurements",
     "allreduce_product",
     "broadcast_seed",
     "check_group",
@@ -128,3 +129,54 @@ def mean_over_ranks(values: list[float], process_group: Any, device: torch.devic
     buffer = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buffer, group=process_group)
     return (buffer / dist.get_world_size(process_group)).tolist()
+
+
+def agree_on_measurements(
+    results: dict[tuple[str, int], Any], reference: str, process_group: Any, device: torch.device
+) -> dict[tuple[str, int], Any]:
+    """The kernel measurements of every rank made one (two all-reduces), so that every rank
+    chooses the same kernel and the same columns per pass (the all-reduces of a product must
+    match): the mean of the seconds, the largest peak bytes, and a candidate that failed on any
+    rank failed on all.
+
+    Parameters
+    ----------
+    results
+        ``(candidate, width) -> Measurement`` or the exception it raised; the same keys, in the
+        same order, on every rank.
+    reference
+        The candidate whose exceptions are the user's code raising: then every rank raises (the
+        failing one its own exception, the others :class:`DistributedError`).
+    """
+    from .operators.kernels import Measurement  # the operators import this module
+
+    keys = list(results)
+    failed = [isinstance(results[key], BaseException) for key in keys]
+    seconds = [0.0 if bad else results[key].seconds for key, bad in zip(keys, failed, strict=True)]
+    peaks = [
+        0.0 if bad else float(results[key].bytes) for key, bad in zip(keys, failed, strict=True)
+    ]
+    own = next(
+        (
+            results[key]
+            for key, bad in zip(keys, failed, strict=True)
+            if bad and key[0] == reference
+        ),
+        None,
+    )
+    total = torch.tensor(seconds, dtype=torch.float64, device=device)
+    largest = torch.tensor(
+        [*peaks, *map(float, failed), float(own is not None)], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(total, group=process_group)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=process_group)
+    if bool(largest[-1] > 0):
+        _raise_failure(own, process_group)
+    size = dist.get_world_size(process_group)
+    agreed: dict[tuple[str, int], Any] = {}
+    for i, key in enumerate(keys):
+        if bool(largest[len(keys) + i] > 0):
+            agreed[key] = results[key] if failed[i] else RuntimeError("failed on another rank")
+        else:
+            agreed[key] = Measurement(float(total[i]) / size, float(largest[i]))
+    return agreed

@@ -19,7 +19,7 @@ from .layout import as_tensor_list
 from .linalg.trace import hutchinson_trace
 from .objective import ClosureObjective, ModelObjective, resolve_params
 from .operators.base import CurvatureOperator
-from .operators.finite_difference import FiniteDifferenceHessianOperator, _kernels
+from .operators.finite_difference import _kernels
 from .operators.gauss_newton import gauss_newton_columns
 from .operators.hessian import hessian_columns
 from .validation import check_positive_int, check_real
@@ -27,6 +27,11 @@ from .validation import check_positive_int, check_real
 __all__ = ["approximate_hvp", "exact_hvp", "gauss_newton_product", "hessian_trace", "model_hvp"]
 
 Tensors = torch.Tensor | list[torch.Tensor]
+
+
+def _operator(objective, kernel, reduction: str = "mean") -> CurvatureOperator:
+    """The operator of one kernel, unmeasured: these functions make single products."""
+    return CurvatureOperator(objective, {"kernel": kernel}, reduction=reduction, measured=False)
 
 
 def _multiply(operator: CurvatureOperator, v: torch.Tensor | Sequence[torch.Tensor]) -> Tensors:
@@ -52,7 +57,7 @@ def exact_hvp(
     """
     kernel = functools.partial(hessian_columns, create_graph=create_graph)
     objective = ClosureObjective(func, params, seed=seed)
-    return _multiply(CurvatureOperator._from_parts(objective, kernel), v)
+    return _multiply(_operator(objective, kernel), v)
 
 
 def approximate_hvp(
@@ -77,10 +82,7 @@ def approximate_hvp(
     """
     damping = check_real(damping, "damping")
     objective = ClosureObjective(func, params, num_samples=num_samples, seed=seed)
-    operator = FiniteDifferenceHessianOperator._from_parts(
-        objective, _kernels(None, "central", None)["central"]
-    )
-    product = _multiply(operator, v)
+    product = _multiply(_operator(objective, _kernels(None, "central", None)["central"]), v)
     if damping:
         vectors = as_tensor_list(v, "v")
         if isinstance(product, torch.Tensor):
@@ -102,7 +104,7 @@ def _model_product(kernel, model: nn.Module, loss_fn, x, y, v, create_graph: boo
     params = resolve_params(model, None)
     objective = ModelObjective(model, loss_fn, (x, y), params)
     kernel = functools.partial(kernel, create_graph=create_graph)
-    return _multiply(CurvatureOperator._from_parts(objective, kernel, reduction="sum"), v)
+    return _multiply(_operator(objective, kernel, reduction="sum"), v)
 
 
 def model_hvp(
@@ -153,6 +155,6 @@ def hessian_trace(
     """
     check_positive_int(num_samples, "num_samples")
     kernel = functools.partial(hessian_columns, create_graph=create_graph)
-    operator = CurvatureOperator._from_parts(ClosureObjective(func, params, seed=seed), kernel)
+    operator = _operator(ClosureObjective(func, params, seed=seed), kernel)
     distribution = "sparse_rademacher" if sparse else "rademacher"
     return hutchinson_trace(operator, num_samples, distribution=distribution, seed=seed).value

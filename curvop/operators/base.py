@@ -1,7 +1,16 @@
-"""The SciPy face of every curvature operator: the only place that crosses numpy <-> torch."""
+r"""Curvature operators: one pass over the data per block product, within a memory limit.
+
+A :class:`CurvatureOperator` multiplies an ``(n, k)`` block by looping over the batches of its
+objective once, running the chosen kernel on each and summing the products, weighted by the
+batches' sample counts. Which kernel, and how many columns per pass, is measured once per
+operator and then chosen per block (:mod:`curvop.operators.kernels`): the fastest way that keeps
+the peak memory of a pass within the limit the caller gives, or by default within
+:data:`DEFAULT_GRAPH_PRODUCTS` single products' worth (and a share of the free device memory).
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -9,22 +18,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from ..distributed import allreduce_product, check_group
+from ..devices import clock
+from ..distributed import agree_on_measurements, allreduce_product, check_group
 from ..layout import ParamLayout
+from ..memory import default_budget_bytes, peak_tensor_bytes
 from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolve_params
 from ..progress import bar
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from ..validation import check_positive_int, check_real, check_seed
-from .kernels import AUTO, Kernel, KernelChoice, Selection
+from .block import HALF_DTYPES, BlockOperator, ProductCost
+from .kernels import (
+    AUTO,
+    CALIBRATION_WIDTH,
+    REPEAT_BELOW,
+    TORCH_FUNC_KERNELS,
+    Kernel,
+    KernelPlan,
+    Measurement,
+    Selection,
+)
 
-__all__ = ["CurvatureOperator", "resolve_reduction"]
+__all__ = ["CurvatureOperator", "model_objective", "resolve_reduction"]
 
 Objective = ModelObjective | ClosureObjective
 
 REDUCTIONS = ("mean", "sum")
+DEFAULT_GRAPH_PRODUCTS = 4  # by default a pass may hold this many single products' peak memory
+DEFAULT_GRAPH_FLOOR = 64 * 2**20  # ... or this many bytes where that is more (small models)
+UNMEASURED_CHUNK = 64  # columns per pass of an operator that does not measure its kernels
+FOLD_BATCHES = 16  # a float32 sum is folded into float64 after this many batches
+HALF_ACCURACY = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # stated, relative
 
 
 def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
@@ -80,216 +105,328 @@ def _first_frame_outside_curvop() -> int:
     return level
 
 
-class _BatchSum:
-    r"""The weighted sum :math:`\sum_b w_b P_b` of per-batch products, per parameter.
+def model_objective(
+    model: nn.Module,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+    data: Any,
+    params: Sequence[torch.Tensor] | None,
+    output: OutputSelector,
+    reduction: str | None,
+) -> tuple[ModelObjective, str]:
+    """The objective ``loss_fn(model(inputs), targets)`` over ``data`` and its reduction, checked;
+    warns about active dropout."""
+    objective = ModelObjective(model, loss_fn, data, resolve_params(model, params), output)
+    warn_active_dropout(model)
+    return objective, resolve_reduction(loss_fn, reduction)
 
-    Products are summed in their own dtype over at most ``CHUNK`` batches, then folded into
-    float64: about 16x fewer mixed-precision passes (slow ones: a float32 -> float64 add is several
-    times slower than a float32 add on a CPU) than summing every batch in float64, with the
-    rounding of a float32 sum bounded by that of ``CHUNK`` terms whatever the number of batches.
-    The first batch's products are adopted, not copied; a product that requires grad
-    (``create_graph`` in the functional API) is summed out of place.
+
+class _WeightedSum:
+    r"""The sum :math:`\sum_b w_b P_b` of per-batch products as ``(k, n)``.
+
+    Each batch is added in place into the per-parameter views of ``out``, so a pass holds no
+    copy of the result. ``out`` has the accumulation dtype: float32 for float32 and
+    half-precision models (a half product times a batch size would overflow float16), float64
+    for float64. A float32 sum is folded into a float64 one after every :data:`FOLD_BATCHES`
+    batches, so its rounding is that of 16 terms whatever the number of batches. Products that
+    require grad (``create_graph`` in the functional API) are summed out of place instead, so
+    that the result keeps its graph.
     """
 
-    CHUNK = 16
-
-    def __init__(self) -> None:
-        self.chunk: list[torch.Tensor] | None = None
-        self.wide: list[torch.Tensor] | None = None
+    def __init__(self, out: torch.Tensor, layout: ParamLayout):
+        self.out, self.layout = out, layout
+        self.views = [t.movedim(-1, 0) for t in layout.split(out.T)]
+        self.wide: torch.Tensor | None = None
+        self.graph: list[torch.Tensor] | None = None  # the out-of-place sums
         self.count = 0
 
     def add(self, products: list[torch.Tensor], weight: int) -> None:
-        if self.chunk is None:
-            self.chunk = [p * weight if p.requires_grad else p.mul_(weight) for p in products]
-        else:
-            self.chunk = [
-                c + weight * p if p.requires_grad else c.add_(p, alpha=weight)
-                for c, p in zip(self.chunk, products, strict=True)
+        if self.graph is not None or any(p.requires_grad for p in products):
+            self.graph = [
+                weight * p if self.graph is None else s + weight * p
+                for s, p in zip(self.graph or products, products, strict=True)
             ]
+            return
+        for view, product in zip(self.views, products, strict=True):
+            view.add_(product.to(view.dtype), alpha=weight)
         self.count += 1
-        if self.count == self.CHUNK and self.chunk[0].dtype != torch.float64:
-            self._fold()
+        if self.count % FOLD_BATCHES == 0 and self.out.dtype != torch.float64:
+            self.wide = self.out.double() if self.wide is None else self.wide.add_(self.out)
+            self.out.zero_()
 
-    def _fold(self) -> None:
-        wide = [c.to(torch.float64) for c in self.chunk]
-        self.wide = (
-            wide if self.wide is None else [a.add_(b) for a, b in zip(self.wide, wide, strict=True)]
-        )
-        self.chunk, self.count = None, 0
-
-    def total(self, k: int) -> torch.Tensor:
-        """The sum as one ``(k, n)`` tensor (float64 if anything was folded)."""
-        if self.wide is not None and self.chunk is not None:
-            self._fold()
-        parts = self.wide if self.wide is not None else self.chunk
-        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+    def total(self) -> torch.Tensor:
+        """The sum: ``out``, its float64 fold, or a new tensor that keeps the products' graph."""
+        if self.graph is not None:
+            k = self.out.shape[0]
+            return torch.cat([g.reshape(k, -1) for g in self.graph], dim=1)
+        if self.wide is None:
+            return self.out
+        return self.wide.add_(self.out)
 
 
-class CurvatureOperator(LinearOperator):
-    r"""A symmetric ``n x n`` curvature matrix of a PyTorch loss as a SciPy ``LinearOperator``.
+class CurvatureOperator(BlockOperator):
+    r"""A symmetric ``n x n`` curvature matrix of a PyTorch loss, as a SciPy ``LinearOperator``.
 
     The base of :class:`HessianOperator`, :class:`GaussNewtonOperator` and
-    :class:`FiniteDifferenceHessianOperator`, which document their parameters. Each product
-    loops over the data once, multiplies every batch with the operator's kernel, weights the
-    batches by their sample counts and converts between numpy and torch; with a
-    ``process_group``, the ranks' partial products are summed by one all-reduce
-    (:mod:`curvop.distributed`).
+    :class:`FiniteDifferenceHessianOperator`, which document their parameters and build it from
+    a model; it is also what their ``from_function`` classmethods return for a closure. Each
+    product loops over the data once, multiplies every batch with the chosen kernel, weights the
+    batches by their sample counts and, with a ``process_group``, sums the ranks' partial
+    products with one all-reduce (:mod:`curvop.distributed`).
+
+    Parameters
+    ----------
+    objective
+        The loss per batch (:class:`~curvop.objective.ModelObjective` or
+        :class:`~curvop.objective.ClosureObjective`).
+    kernels
+        Name -> kernel ``(objective, batch, columns) -> products``, the reference first.
+    kernel
+        ``"auto"`` or the name of one of ``kernels`` to use always.
+    reduction
+        ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
+    process_group
+        The ``torch.distributed`` group the data is sharded over, or ``None``.
+    accuracy
+        The stated relative accuracy of a product (0 for exact operators).
+    measured
+        Whether to measure the kernels (time and memory) and choose per block; ``False`` runs
+        the reference kernel on at most :data:`UNMEASURED_CHUNK` columns per pass (for single
+        products, as in the functional API, where measuring would cost more than it saves).
+    name
+        What the operator is, for its ``repr`` (default: the class name).
 
     Attributes
     ----------
     layout : ParamLayout
         The flatten/unflatten adapter of the parameters.
     reduction : str
-        ``"mean"`` (sample-weighted average over batches) or ``"sum"``.
     accuracy : float
-        The stated relative accuracy of a product: 0 for exact operators (rounding only).
-    max_block_columns : int
-        Products of more columns run this many at a time, one pass over the data each (64; a
-        batched backward pass holds a copy of the activations per column). Settable per operator.
+    max_block_columns : int or None
+        Columns per pass at most, on top of the memory limit (``None``: no cap). Settable.
     process_group
-        The ``torch.distributed`` group the data is sharded over, or ``None``.
     """
 
-    kernels: dict[str, Kernel]  # the candidate kernels, the reference first; set by subclasses
-    accuracy: float = 0.0
-    max_block_columns: int = 64
+    max_block_columns: int | None = None
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
+        objective: Objective,
+        kernels: dict[str, Kernel],
         *,
-        reduction: str | None = None,
-        output: OutputSelector = None,
         kernel: str = AUTO,
+        reduction: str = "mean",
         process_group: Any = None,
+        accuracy: float = 0.0,
+        measured: bool = True,
+        name: str | None = None,
     ):
-        """Build the operator: no product and no pass over the data yet (the parameters are
-        described in the class docstring)."""
-        objective = ModelObjective(model, loss_fn, data, resolve_params(model, params), output)
-        warn_active_dropout(model)
-        reduction = resolve_reduction(loss_fn, reduction)
-        choice = KernelChoice(self.kernels, kernel)
-        self._setup(objective, choice, reduction, check_group(process_group))
-
-    def _setup(
-        self, objective: Objective, kernel: KernelChoice, reduction: str, process_group: Any = None
-    ) -> None:
-        self._objective, self._kernel, self.reduction = objective, kernel, reduction
-        self.process_group = process_group
-        self.product_observers: list = []  # see curvop.counting
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self._objective, self.reduction = objective, reduction
+        self._plan = KernelPlan(kernels, kernel)
+        self._measured, self._name = measured, name or type(self).__name__
+        self.process_group = check_group(process_group)
         self.layout = ParamLayout(objective.params)
-        dtype = torch.empty((), dtype=self.layout.dtype).numpy().dtype
-        super().__init__(dtype=dtype, shape=(self.layout.size, self.layout.size))
-
-    @classmethod
-    def _from_parts(
-        cls, objective: Objective, kernel: KernelChoice | Kernel, reduction: str = "mean"
-    ):
-        """An operator of ``cls`` around any objective and kernel (closures, the functional API)."""
-        operator = cls.__new__(cls)
-        if not isinstance(kernel, KernelChoice):
-            kernel = KernelChoice({"given": kernel}, "given")
-        operator._setup(objective, kernel, reduction)
-        return operator
+        param_dtype = self.layout.dtype
+        half = param_dtype in HALF_DTYPES
+        self.accuracy = max(accuracy, HALF_ACCURACY[param_dtype] if half else 0.0)
+        work_dtype = torch.float32 if half else param_dtype
+        super().__init__(self.layout.size, work_dtype, self.layout.device)
 
     def __repr__(self) -> str:
         n = self.shape[0]
-        return f"<{type(self).__name__} {n}x{n}, dtype={self.dtype}, reduction={self.reduction!r}>"
+        dtype = str(self.layout.dtype).removeprefix("torch.")
+        return f"<{self._name} {n}x{n}, dtype={dtype}, reduction={self.reduction!r}>"
 
     @property
     def kernel_selections(self) -> dict[int, Selection]:
-        """Per block width: the kernel in use and the seconds each candidate took on the first
-        batch of the first product of that width (see :mod:`curvop.operators.kernels`)."""
-        return dict(self._kernel.selections)
+        """Per block width multiplied so far: the kernel and columns per pass chosen, with the
+        predicted seconds and peak bytes (see :mod:`curvop.operators.kernels`)."""
+        return dict(self._plan.selections)
 
-    def column_seconds(self, k: int) -> float | None:
-        """Measured seconds per column of a ``k``-column product on the first batch, or ``None``
-        before the first product of that width. The spectral toolkit reads it to choose block
-        widths."""
-        return self._kernel.column_seconds(k)
+    @property
+    def kernel_measurements(self) -> dict[str, dict[int, Any]]:
+        """What was measured per candidate kernel and width on the first batch (seconds and peak
+        bytes), and ``{"failures": ...}``: the candidates that could not run, with the reason."""
+        measured = {name: dict(widths) for name, widths in self._plan.measurements.items()}
+        return {**measured, "failures": dict(self._plan.failures)}
 
-    # ------------------------------------------------------------------ torch interface
-    def apply(self, V: torch.Tensor) -> torch.Tensor:
-        """Multiply a torch ``(n,)`` or ``(n, k)`` tensor, on the parameters' device and dtype.
+    # ------------------------------------------------------------------ choosing
+    def product_cost(self, k: int, memory_bytes: int | None = None) -> ProductCost | None:
+        """Predicted seconds (first batch) and peak bytes of one pass of a ``k``-column block
+        product within ``memory_bytes`` (measuring the kernels first if need be)."""
+        if not self._measured:
+            return None
+        selection = self._select(k, memory_bytes)
+        return ProductCost(selection.seconds, selection.bytes)
 
-        All ``k`` columns (up to ``max_block_columns``) are multiplied in a single pass over the
-        data. Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` blocks: the kernels
-        differentiate with autograd enabled locally. With a ``process_group``, one all-reduce
-        completes the product; the host reads two scalars per product (the finiteness check and
-        the ranks' failure flag), the product itself stays on the device.
-        """
-        V = self.layout.check_vector(V, "V")
-        block = V if V.dim() == 2 else V.unsqueeze(1)
-        result = self.block_product(block).contiguous()
-        return result if V.dim() == 2 else result.squeeze(1)
+    def _select(self, k: int, memory_bytes: int | None) -> Selection:
+        if not self._measured:
+            chunk = min(k, self.max_block_columns or UNMEASURED_CHUNK)
+            return Selection(self._plan.reference, chunk, math.nan, 0)
+        widths = (1,) if k == 1 else (1, min(CALIBRATION_WIDTH, self.shape[0]))
+        self._measure(widths)
+        limit = self._memory_limit(memory_bytes)
+        selection = self._plan.select(k, limit, self.max_block_columns)
+        self._plan.selections[k] = selection
+        return selection
 
-    def block_product(self, block: torch.Tensor) -> torch.Tensor:
-        """``A V`` for an ``(n, k)`` block already of the operator's dtype and device.
+    def _memory_limit(self, memory_bytes: int | None) -> float:
+        """The peak bytes a pass may add: ``memory_bytes`` if given, else the smaller of
+        :data:`DEFAULT_GRAPH_PRODUCTS` single products (the leanest kernel's; at least
+        :data:`DEFAULT_GRAPH_FLOOR`) and the device's default budget
+        (:func:`curvop.memory.default_budget_bytes`)."""
+        if memory_bytes is not None:
+            return memory_bytes
+        self._measure((1,))
+        single = min(self._plan.measurements[name][1].bytes for name in self._plan.names(1))
+        allowance = max(DEFAULT_GRAPH_PRODUCTS * single, DEFAULT_GRAPH_FLOOR)
+        return min(allowance, default_budget_bytes(self.layout.device))
 
-        The result is the transpose of a contiguous ``(k, n)`` tensor, the layout the products
-        are summed in: the spectral toolkit keeps its vectors as rows and reads it without a
-        copy (:meth:`apply` makes it contiguous). ``block`` may be such a transpose too.
-        """
-        if block.shape[1] == 0:
-            return torch.zeros_like(block)
-        if block.shape[1] > self.max_block_columns:  # bounds what a batched backward holds
-            parts = torch.split(block, self.max_block_columns, dim=1)
-            return torch.cat([self.block_product(part).T for part in parts]).T
-        k = block.shape[1]
-        for observe in self.product_observers:
-            observe(k)
-        partial, samples, failure = self._partial_product(block)
+    def _measure(self, widths: Sequence[int]) -> None:
+        """Run every candidate still unmeasured at ``widths`` on the first batch, with random
+        columns from a private generator: seconds (the faster of two runs when cheap) and the
+        peak bytes it added. With a process group the ranks agree on the figures (the mean of
+        the seconds, the largest bytes, a failure anywhere), so they choose alike."""
+        missing = self._plan.missing(widths)
+        if not missing:
+            return
+        batch = next(iter(self._objective.batches()))
+        generator = torch.Generator(device=self.layout.device).manual_seed(0)
+        reference = next(iter(self._plan.candidates))
+        results: dict[tuple[str, int], Measurement | BaseException] = {}
+        for name, width in missing:
+            block = torch.randn(
+                self.shape[0], width, generator=generator, dtype=self.layout.dtype,
+                device=self.layout.device,
+            )  # fmt: skip
+            columns = [t.movedim(-1, 0) for t in self.layout.split(block)]
+            careful = width == 1 or name in TORCH_FUNC_KERNELS
+            try:
+                results[name, width] = self._time(
+                    self._plan.candidates[name], batch, columns, careful
+                )
+            except Exception as error:
+                if name == reference or self._plan.kernel != AUTO:
+                    results[name, width] = error  # the user's model or loss raised
+                    if self.process_group is None:
+                        raise
+                else:
+                    results[name, width] = error
         if self.process_group is not None:
-            partial, samples = allreduce_product(
-                partial, samples, failure, (k, self.layout.size), block.device, self.process_group
+            results = agree_on_measurements(
+                results, reference, self.process_group, self.layout.device
+            )
+        for (name, width), result in results.items():
+            if isinstance(result, BaseException):
+                self._plan.fail(name, result)
+            else:
+                self._plan.record(name, width, result)
+
+    def _time(self, kernel: Kernel, batch: Any, columns: list[torch.Tensor], careful: bool):
+        """Seconds and peak bytes of ``kernel`` on ``batch``.
+
+        The peak comes from a run under :func:`curvop.memory.peak_tensor_bytes`. A ``careful``
+        measurement (a candidate's first, and every one of a ``torch.func`` kernel) first runs
+        without it: an exception inside a ``torch.func`` transform under a dispatch mode can
+        crash the process, while a plain run raises it, and the candidate is dropped. A run
+        under :data:`REPEAT_BELOW` seconds (noise-sized) is repeated; the fastest counts.
+        """
+        device = self.layout.device
+
+        def run() -> float:
+            start = clock(device)
+            with torch.inference_mode(False), torch.enable_grad():
+                kernel(self._objective, batch, columns)
+            return clock(device) - start
+
+        try:
+            seconds = run() if careful else math.inf
+            tracked, peak = peak_tensor_bytes(run)
+        except torch.OutOfMemoryError:
+            if columns[0].shape[0] == 1:
+                raise
+            return Measurement(math.inf, math.inf)  # this width does not fit: one at a time
+        seconds = min(seconds, tracked)
+        if seconds < REPEAT_BELOW:
+            seconds = min(seconds, run())
+        return Measurement(seconds, peak)
+
+    # ------------------------------------------------------------------ products
+    def _block_product(self, V: torch.Tensor, memory_bytes: int | None) -> torch.Tensor:
+        k = V.shape[1]
+        selection = self._select(k, memory_bytes)
+        accumulate = torch.float64 if self.torch_dtype == torch.float64 else torch.float32
+        out = torch.zeros(k, self.shape[0], dtype=accumulate, device=V.device)
+        for first in range(0, k, selection.chunk):
+            rows = out[first : first + selection.chunk]
+            result = self._one_pass(V[:, first : first + selection.chunk], selection.kernel, rows)
+            if result is not rows:  # a float64 fold, an all-reduce buffer, or a graph
+                rows.copy_(result)
+        return out.to(self.torch_dtype).T
+
+    def _one_pass(self, block: torch.Tensor, kernel: str, rows: torch.Tensor) -> torch.Tensor:
+        """The product of ``block`` (``(k, n)``) in one pass over the data: in ``rows``, or a new
+        tensor where the sum is float64 or keeps a graph."""
+        self._observed(block.shape[1])
+        total, samples, failure = self._partial_product(block, kernel, rows)
+        if self.process_group is not None:
+            total, samples = allreduce_product(
+                total, samples, failure, tuple(rows.shape), rows.device, self.process_group
             )
         elif failure is not None:
             raise failure
         if self.reduction == "mean":
-            partial = partial / samples
-        return partial.to(self.layout.dtype).T
+            total = total / samples if total.requires_grad else total.div_(samples)
+        return total
 
     def _partial_product(
-        self, block: torch.Tensor
+        self, block: torch.Tensor, kernel: str, rows: torch.Tensor
     ) -> tuple[torch.Tensor | None, int, BaseException | None]:
-        """This process's sum of weighted batch products as ``(k, n)``, its sample count, and
-        the exception it hit (caught, so that other ranks learn of it; raised by the caller)."""
-        columns = [t.movedim(-1, 0) for t in self.layout.split(block)]
-        total, samples = _BatchSum(), 0
+        """This process's weighted sum of batch products (``rows``, or a float64 sum once
+        folded), its sample count, and the exception it hit (caught, so that other ranks learn
+        of it; raised by the caller)."""
+        columns = [t.movedim(-1, 0) for t in self.layout.split(block.to(self.layout.dtype))]
+        total, samples = _WeightedSum(rows, self.layout), 0
+        multiply = self._plan.candidates[kernel]
         try:
             for batch in self._objective.batches():
                 with torch.inference_mode(False), torch.enable_grad():
-                    products = self._kernel(self._objective, batch, columns)
+                    products = multiply(self._objective, batch, columns)
                 total.add(products, batch.num_samples if self.reduction == "mean" else 1)
                 samples += batch.num_samples
-            partial = total.total(block.shape[1])
-            if not bool(torch.isfinite(partial.sum())):  # one reduction; the culprit on failure
-                self._raise_not_finite(block, columns)
+            result = total.total()
+            if not bool(torch.isfinite(result.sum())):  # one reduction; the culprit on failure
+                self._raise_not_finite(block, multiply, columns)
         except Exception as error:
             return None, samples, error
-        return partial, samples, None
+        return result, samples, None
 
-    def _raise_not_finite(self, block: torch.Tensor, columns: list[torch.Tensor]) -> None:
+    def _raise_not_finite(
+        self, block: torch.Tensor, multiply: Kernel, columns: list[torch.Tensor]
+    ) -> None:
         """Blame ``V`` itself, or find the first batch whose product holds NaN or Inf (another
-        pass over the data, on this error path only). Returns if none does: the sum overflowed."""
+        pass over the data, on this error path only)."""
         if not bool(torch.isfinite(block).all()):
             raise ValueError("V must be finite, got a vector that contains NaN or Inf")
         for batch in self._objective.batches():
             with torch.inference_mode(False), torch.enable_grad():
-                products = self._kernel(self._objective, batch, columns)
+                products = multiply(self._objective, batch, columns)
             if not all(bool(torch.isfinite(p).all()) for p in products):
                 raise FloatingPointError(
                     f"the product is not finite: batch {batch.index} gave NaN or Inf (check the "
                     "inputs and targets of that batch, the loss and the parameters for NaN/Inf "
                     "or overflow)"
                 )
+        raise FloatingPointError(
+            "the product is not finite: every batch's product is, but their weighted sum "
+            f"overflowed {self.torch_dtype}"
+        )
 
     def to_dense(self, max_size: int = 4096, *, progress: bool = False) -> np.ndarray:
-        """The ``(n, n)`` matrix as numpy, from block products with the identity (columns
-        ``max_block_columns`` at a time; ``progress=True`` shows a bar, see :mod:`curvop.progress`).
+        """The ``(n, n)`` matrix as numpy, from block products with the identity (as many
+        columns at a time as the memory limit allows, one pass over the data each;
+        ``progress=True`` shows a bar, see :mod:`curvop.progress`).
 
         Raises ``ValueError`` when ``n > max_size`` (the matrix takes ``n**2`` entries of memory);
         pass a larger ``max_size`` to allow it.
@@ -300,14 +437,15 @@ class CurvatureOperator(LinearOperator):
                 f"to_dense: the operator has n={n} > max_size={max_size}, the dense matrix would "
                 f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
             )
-        eye = torch.eye(n, dtype=self.layout.dtype, device=self.layout.device)
-        columns = []
+        eye = torch.eye(n, dtype=self.torch_dtype, device=self.device)
         with bar(progress, n, "to_dense") as shown:
-            for block in torch.split(eye, self.max_block_columns, dim=1):
-                columns.append(self.block_product(block))
+            if shown is not None:
+                self.product_observers.append(shown.update)
+            try:
+                return self.block_product(eye).cpu().numpy()
+            finally:
                 if shown is not None:
-                    shown.update(block.shape[1])
-        return torch.cat(columns, dim=1).cpu().numpy()
+                    self.product_observers.remove(shown.update)
 
     def check_deterministic(self, *, rtol: float | None = None, seed: int = 0) -> float:
         """Check that two products with the same random vector agree; return their relative gap.
@@ -327,9 +465,9 @@ class CurvatureOperator(LinearOperator):
         """
         eps = torch.finfo(self.layout.dtype).eps
         rtol = 1000 * eps if rtol is None else check_real(rtol, "rtol", positive=True)
-        generator = torch.Generator(device=self.layout.device).manual_seed(check_seed(seed) or 0)
+        generator = torch.Generator(device=self.device).manual_seed(check_seed(seed) or 0)
         v = torch.randn(
-            self.shape[0], generator=generator, dtype=self.layout.dtype, device=self.layout.device
+            self.shape[0], generator=generator, dtype=self.torch_dtype, device=self.device
         )
         first, second = self.apply(v), self.apply(v)
         gap = float((first - second).norm() / first.norm().clamp_min(torch.finfo(first.dtype).tiny))
@@ -366,12 +504,12 @@ class CurvatureOperator(LinearOperator):
             If the gap exceeds ``rtol``.
         """
         if rtol is None:
-            rtol = symmetry_tolerance(self.layout.dtype, self.accuracy)
+            rtol = symmetry_tolerance(self.torch_dtype, self.accuracy)
         else:
             rtol = check_real(rtol, "rtol", positive=True)
         generator = torch.Generator().manual_seed(check_seed(seed) or 0)
-        like = {"dtype": self.layout.dtype, "device": self.layout.device}
-        gap = symmetry_gap(self.apply, self.shape[0], generator, **like)
+        like = {"dtype": self.torch_dtype, "device": self.device}
+        gap = symmetry_gap(self.block_product, self.shape[0], generator, **like)
         if gap > rtol:
             raise RuntimeError(
                 f"the operator is not symmetric: w.(Av) and v.(Aw) differ by {gap:.3g} (relative) "
@@ -380,47 +518,3 @@ class CurvatureOperator(LinearOperator):
                 "is the usual cause: use HessianOperator. Otherwise check a custom kernel or loss."
             )
         return gap
-
-    # ------------------------------------------------------------------ SciPy interface
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``A @ x`` for numpy ``x`` of shape ``(n,)`` or ``(n, 1)``."""
-        return super().matvec(self._check_shape(x, "x", vector=True))
-
-    def matmat(self, X: np.ndarray) -> np.ndarray:
-        """``A @ X`` for numpy ``X`` of shape ``(n, k)``, in one pass over the data."""
-        return super().matmat(self._check_shape(X, "X", vector=False))
-
-    rmatvec = matvec  # curvature matrices are symmetric
-    rmatmat = matmat
-
-    def dot(self, x):
-        """``A @ x``: a numpy array goes through :meth:`matvec` / :meth:`matmat` (and their shape
-        checks); anything else (a scalar, another operator) is SciPy's."""
-        if isinstance(x, np.ndarray):
-            return self.matvec(x) if x.ndim == 1 else self.matmat(x)
-        return super().dot(x)
-
-    def _check_shape(self, x: np.ndarray, name: str, *, vector: bool) -> np.ndarray:
-        """SciPy's own check says only "dimension mismatch": state expected and received."""
-        x = np.asanyarray(x)
-        n = self.shape[1]
-        valid = x.shape in ((n,), (n, 1)) if vector else (x.ndim == 2 and x.shape[0] == n)
-        if not valid:
-            expected = f"({n},) or ({n}, 1)" if vector else f"({n}, k)"
-            raise ValueError(f"{name} must have shape {expected}, got {x.shape}")
-        return x
-
-    def _to_torch(self, X: np.ndarray) -> torch.Tensor:
-        return self.layout.check_vector(np.asarray(X), "x", allow_numpy=True)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self.apply(self._to_torch(x)).cpu().numpy()
-
-    _matmat = _matvec  # apply handles (n,) and (n, k) alike
-    _rmatvec = _matvec  # curvature matrices are symmetric
-    _rmatmat = _matvec
-
-    def _adjoint(self) -> CurvatureOperator:
-        return self
-
-    _transpose = _adjoint

@@ -14,8 +14,8 @@ from ..autodiff import vjp
 from ..data import Batch
 from ..objective import ClosureObjective, ModelObjective, OutputSelector
 from ..validation import check_real
-from .base import CurvatureOperator
-from .kernels import Kernel, KernelChoice
+from .base import CurvatureOperator, model_objective
+from .kernels import Kernel
 
 __all__ = [
     "FiniteDifferenceHessianOperator",
@@ -56,6 +56,50 @@ def _gradient(objective, batch: Batch, displacement, dtype) -> list[torch.Tensor
         return vjp(loss, leaves)
 
 
+def _one_sided_differences(
+    objective, batch: Batch, base: list[torch.Tensor], v: list[torch.Tensor], h: float, dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """:math:`d_+ = g(\theta + hv) - g_0` and :math:`d_- = g_0 - g(\theta - hv)`, and
+    :math:`\\|g_+\\| + \\|g_-\\|` (the scale of their rounding)."""
+    plus = _gradient(objective, batch, [h * t for t in v], dtype)
+    minus = _gradient(objective, batch, [-h * t for t in v], dtype)
+    ahead = [a - b for a, b in zip(plus, base, strict=True)]
+    behind = [b - c for b, c in zip(base, minus, strict=True)]
+    return ahead, behind, _norm(plus) + _norm(minus)
+
+
+def _central_difference(
+    objective, batch: Batch, base: list[torch.Tensor], v: list[torch.Tensor], h: float, dtype,
+    tolerance: float, column: int,
+) -> list[torch.Tensor]:  # fmt: skip
+    r""":math:`(g_+ - g_-) / 2h`, retried with steps :data:`RETRY_FACTOR` and its square times
+    smaller while the one-sided differences disagree (a kink crossed on one side; see
+    :func:`finite_difference_columns`); :class:`KinkError` if they still do."""
+    for _ in range(RETRIES + 1):
+        ahead, behind, scale = _one_sided_differences(objective, batch, base, v, h, dtype)
+        gap = _norm([a - b for a, b in zip(ahead, behind, strict=True)])
+        total = [a + b for a, b in zip(ahead, behind, strict=True)]
+        # NaN/Inf pass through: the operator reports them, naming the batch
+        if gap <= tolerance * _norm(total) + ROUNDING_FLOOR * scale or not math.isfinite(gap):
+            return [t / (2 * h) for t in total]
+        h /= RETRY_FACTOR
+    relative = gap / max(_norm(total), torch.finfo(total[0].dtype).tiny)
+    raise KinkError(
+        f"finite differences crossed a point where the loss is not differentiable, in batch "
+        f"{batch.index}, column {column}: the one-sided differences disagree by {relative:.2g} "
+        f"(relative), also with steps {RETRY_FACTOR}x and {RETRY_FACTOR**RETRIES}x smaller. Either "
+        "the loss has kinks along this direction (ReLU-like activations, max-pooling, abs), and "
+        "the finite-difference Hessian is the wrong tool for this model: use HessianOperator "
+        "(exact, and usually cheaper)"
+        + (
+            ", or precision='float64'"
+            if dtype is None and isinstance(objective, ModelObjective)
+            else ""
+        )
+        + "; or the operator is not deterministic (check_deterministic() names the likely causes)."
+    )
+
+
 def finite_difference_columns(
     objective: ModelObjective | ClosureObjective,
     batch: Batch,
@@ -77,11 +121,10 @@ def finite_difference_columns(
     (about :math:`\varepsilon / \rho` for a relative step :math:`\rho`) against the kinks of
     ReLU-like activations: a perturbation that moves a pre-activation across zero changes the
     gradient by a jump :math:`J` that does not shrink with :math:`h`, an error :math:`J / 2h`
-    in the product. In float32 that is what made products wrong by factors of 10-100 on ReLU
-    CNNs (hundreds of thousands of pre-activations per batch). Two defences:
+    in the product. Two defences:
 
     - evaluating in float64 (``dtype``) allows a step about :math:`10^4` times smaller
-      relative to :math:`\theta`, so crossings become that much rarer;
+      relative to :math:`\theta` than float32, so crossings become that much rarer;
     - the central scheme checks every column: the one-sided differences
       :math:`d_+ = g_+ - g_0` and :math:`d_- = g_0 - g_-` agree to :math:`O(h^2)` where the loss
       is smooth, while a kink on one side adds :math:`J` to one of them, so
@@ -90,6 +133,7 @@ def finite_difference_columns(
       step 16 and 256 times smaller; if it still disagrees, :class:`KinkError` is raised.
 
     Cost per batch: :math:`2k + 1` gradients (central; :math:`k + 1` forward), plus retries.
+    The products come back in the evaluation precision.
     """
     params = objective.params
     work = dtype or params[0].dtype
@@ -105,44 +149,15 @@ def finite_difference_columns(
     for j in range(columns[0].shape[0]):
         v = [c[j].to(work) for c in columns]
         norm = _norm(v)
+        h = (scale / norm if norm else 0.0) if eps is None else eps
         if norm == 0:
             products.append([torch.zeros_like(g) for g in base])
-            continue
-        h = scale / norm if eps is None else eps
-        for _ in range(RETRIES + 1):
+        elif scheme == "forward":
             plus = _gradient(objective, batch, [h * t for t in v], dtype)
-            if scheme == "forward":
-                products.append([(a - b) / h for a, b in zip(plus, base, strict=True)])
-                break
-            minus = _gradient(objective, batch, [-h * t for t in v], dtype)
-            ahead = [a - b for a, b in zip(plus, base, strict=True)]
-            behind = [b - c for b, c in zip(base, minus, strict=True)]
-            gap = _norm([a - b for a, b in zip(ahead, behind, strict=True)])
-            total = [a + b for a, b in zip(ahead, behind, strict=True)]
-            floor = ROUNDING_FLOOR * (_norm(plus) + _norm(minus))
-            # NaN/Inf pass through: the operator reports them, naming the batch
-            if gap <= tolerance * _norm(total) + floor or not math.isfinite(gap):
-                products.append([t / (2 * h) for t in total])
-                break
-            h /= RETRY_FACTOR
+            products.append([(a - b) / h for a, b in zip(plus, base, strict=True)])
         else:
-            raise KinkError(
-                f"finite differences crossed a point where the loss is not differentiable, in "
-                f"batch {batch.index}, column {j}: the one-sided differences disagree by "
-                f"{gap / max(_norm(total), torch.finfo(work).tiny):.2g} (relative), also with "
-                f"steps {RETRY_FACTOR}x and {RETRY_FACTOR**RETRIES}x smaller. Either the loss has "
-                "kinks along this direction (ReLU-like activations, max-pooling, abs), and the "
-                "finite-difference Hessian is the wrong tool for this model: use HessianOperator "
-                "(exact, and usually cheaper)"
-                + (
-                    ", or precision='float64'"
-                    if dtype is None and isinstance(objective, ModelObjective)
-                    else ""
-                )
-                + "; or the operator is not deterministic (check_deterministic() names the "
-                "likely causes)."
-            )
-    return [torch.stack(column).to(params[0].dtype) for column in zip(*products, strict=True)]
+            products.append(_central_difference(objective, batch, base, v, h, dtype, tolerance, j))
+    return [torch.stack(column) for column in zip(*products, strict=True)]
 
 
 def _kernels(eps: float | None, scheme: str, dtype: torch.dtype | None) -> dict[str, Kernel]:
@@ -209,8 +224,6 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
     >>> Hv = H @ np.ones(H.shape[0], dtype=np.float32)
     """
 
-    accuracy: float = ACCURACY["float64"]
-
     def __init__(
         self,
         model: nn.Module,
@@ -229,13 +242,15 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         described in the class docstring above)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.kernels = _kernels(eps, scheme, torch.float64 if precision == "float64" else None)
+        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
+        native = precision == "native" and objective.params[0].dtype != torch.float64
         super().__init__(
-            model, loss_fn, data, params, reduction=reduction, output=output,
+            objective,
+            _kernels(eps, scheme, torch.float64 if precision == "float64" else None),
+            reduction=reduction,
             process_group=process_group,
-        )  # fmt: skip
-        if precision == "native" and self.layout.dtype != torch.float64:
-            self.accuracy = ACCURACY["native"]
+            accuracy=ACCURACY["native" if native else "float64"],
+        )
 
     @classmethod
     def from_function(
@@ -245,16 +260,19 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         *,
         eps: float | None = None,
         scheme: str = "central",
-    ) -> FiniteDifferenceHessianOperator:
-        """The finite-difference Hessian of a closure ``func() -> scalar loss``.
+    ) -> CurvatureOperator:
+        """The finite-difference Hessian of a closure ``func() -> scalar loss``, as a
+        :class:`CurvatureOperator`.
 
         The parameters are displaced in place during a product and restored bitwise afterwards,
         also when ``func`` raises. A closure reads its parameters and data itself, so the
         gradients are evaluated in the parameters' own dtype (``precision="native"``).
         """
-        operator = cls._from_parts(
-            ClosureObjective(func, params), KernelChoice(_kernels(eps, scheme, None))
+        objective = ClosureObjective(func, params)
+        native = objective.params[0].dtype != torch.float64
+        return CurvatureOperator(
+            objective,
+            _kernels(eps, scheme, None),
+            accuracy=ACCURACY["native" if native else "float64"],
+            name="FiniteDifferenceHessian",
         )
-        if operator.layout.dtype != torch.float64:
-            operator.accuracy = ACCURACY["native"]
-        return operator

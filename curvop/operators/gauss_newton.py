@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ModelObjective
-from .base import CurvatureOperator
+from ..objective import ModelObjective, OutputSelector
+from .base import CurvatureOperator, model_objective
+from .kernels import AUTO
 
 __all__ = ["GaussNewtonOperator", "gauss_newton_columns", "gauss_newton_columns_forward"]
 
@@ -132,4 +135,21 @@ class GaussNewtonOperator(CurvatureOperator):
     >>> step = curvop.solve_damped(G, torch.ones(G.shape[0]), damping=1e-2).x
     """
 
-    kernels = KERNELS
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: str = AUTO,
+        process_group: Any = None,
+    ):
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring)."""
+        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
+        super().__init__(
+            objective, KERNELS, kernel=kernel, reduction=reduction, process_group=process_group
+        )

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ClosureObjective, ModelObjective
-from .base import CurvatureOperator
-from .kernels import AUTO, KernelChoice
+from ..objective import ClosureObjective, ModelObjective, OutputSelector
+from .base import CurvatureOperator, model_objective
+from .kernels import AUTO
 
 __all__ = ["HessianOperator", "hessian_columns", "hessian_columns_forward"]
 
@@ -54,11 +56,11 @@ def hessian_columns_forward(
     return list(torch.func.vmap(product, randomness="same")(*columns))
 
 
-KERNELS = {
+REVERSE_KERNELS = {
     "batched": hessian_columns,
     "looped": functools.partial(hessian_columns, looped=True),
-    "forward": hessian_columns_forward,
 }
+KERNELS = {**REVERSE_KERNELS, "forward": hessian_columns_forward}
 
 
 class HessianOperator(CurvatureOperator):
@@ -116,7 +118,24 @@ class HessianOperator(CurvatureOperator):
     >>> top = eigsh(H, k=1, which="LA", return_eigenvectors=False)
     """
 
-    kernels = KERNELS
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: str = AUTO,
+        process_group: Any = None,
+    ):
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring)."""
+        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
+        super().__init__(
+            objective, KERNELS, kernel=kernel, reduction=reduction, process_group=process_group
+        )
 
     @classmethod
     def from_function(
@@ -125,11 +144,12 @@ class HessianOperator(CurvatureOperator):
         params: torch.Tensor | Sequence[torch.Tensor],
         *,
         kernel: str = AUTO,
-    ) -> HessianOperator:
+    ) -> CurvatureOperator:
         """The Hessian of a closure ``func() -> scalar loss`` with respect to ``params``.
 
         ``kernel`` is ``"auto"``, ``"batched"`` or ``"looped"`` (a closure reads its parameters
-        itself, so ``torch.func`` cannot substitute them: no ``"forward"``).
+        itself, so ``torch.func`` cannot substitute them: no ``"forward"``). Returns a
+        :class:`CurvatureOperator` of the closure's Hessian.
         """
-        reverse = {name: KERNELS[name] for name in ("batched", "looped")}
-        return cls._from_parts(ClosureObjective(func, params), KernelChoice(reverse, kernel))
+        objective = ClosureObjective(func, params)
+        return CurvatureOperator(objective, REVERSE_KERNELS, kernel=kernel, name="Hessian")

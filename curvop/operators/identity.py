@@ -1,27 +1,31 @@
-"""The identity as a SciPy ``LinearOperator``: damping without a dense ``n x n`` matrix."""
+"""The identity as a block operator: damping :math:`A + \\lambda I` without an ``n x n`` matrix."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator
+import torch
 
 from ..validation import check_positive_int
+from .block import BlockOperator, ProductCost
 
 __all__ = ["IdentityOperator"]
 
 
-class IdentityOperator(LinearOperator):
-    r"""The ``n x n`` identity, for damped operators :math:`A + \lambda I` in SciPy's solvers.
+class IdentityOperator(BlockOperator):
+    r"""The ``n x n`` identity, for damped operators :math:`A + \lambda I`.
 
     ``aslinearoperator(np.eye(n))`` would hold :math:`n^2` numbers (80 GB at a million
-    parameters); this holds none.
+    parameters); this holds none. It has no device or dtype of its own: in
+    ``H + 0.1 * IdentityOperator(n)`` it takes those of ``H``, and the sum stays a torch
+    operator on ``H``'s device for curvop's algorithms, while SciPy's solvers see a
+    ``LinearOperator`` as usual.
 
     Parameters
     ----------
     n
         The size.
     dtype
-        The numpy dtype it reports (default float64).
+        The numpy dtype its SciPy face reports when used alone (default float64).
 
     Examples
     --------
@@ -34,15 +38,21 @@ class IdentityOperator(LinearOperator):
     """
 
     def __init__(self, n: int, dtype: np.dtype | type = np.float64):
-        n = check_positive_int(n, "n")
-        super().__init__(dtype=np.dtype(dtype), shape=(n, n))
+        super().__init__(check_positive_int(n, "n"), None, None)
+        self.dtype = np.dtype(dtype)
 
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return np.array(x, copy=True)
+    def __repr__(self) -> str:
+        return f"IdentityOperator({self.shape[0]})"
 
-    _matmat = _rmatvec = _rmatmat = _matvec
+    def _block_product(self, V: torch.Tensor, memory_bytes: int | None) -> torch.Tensor:
+        self._observed(V.shape[1])
+        return V.clone()
 
-    def _adjoint(self) -> IdentityOperator:
-        return self
+    def product_cost(self, k: int, memory_bytes: int | None = None) -> ProductCost:
+        return ProductCost(0.0, 0)
 
-    _transpose = _adjoint
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        self._observed(X.shape[1] if X.ndim == 2 else 1)
+        return np.array(X, copy=True)
+
+    _matvec = _rmatvec = _rmatmat = _matmat

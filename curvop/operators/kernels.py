@@ -1,12 +1,24 @@
-"""Choosing, by measurement, how a curvature multiplies a block of columns.
+r"""Choosing, from one measurement per operator, how a curvature multiplies a block of columns.
 
-Each curvature has several exact kernels that compute the same product at different costs:
-reverse-over-reverse with the second backward pass batched over the columns (``vmap``) or looped
-over one retained graph, forward-over-reverse with ``torch.func``. Which is fastest depends on the
-model (small layers favour batching; operations without a batching rule favour the loop) and on
-the number of columns, so :class:`KernelChoice` times every candidate once, on the first batch of
-the first product of each block width, and keeps the fastest. Its product is the one used for
-that batch: the timing runs are part of the first product, not an extra pass.
+Each curvature has several exact kernels that compute the same product at different costs in
+time and memory: reverse-over-reverse with the second backward pass batched over the columns
+(``vmap``: fast where the backward pass is many small operations, but its transient buffers grow
+with the columns) or looped over one retained graph (flat memory), forward-over-reverse with
+``torch.func``. Which is best depends on the model, the device and the number of columns.
+
+:class:`KernelPlan` measures every candidate once per operator, on the first batch, with one
+column and with :data:`CALIBRATION_WIDTH` columns: its wall time and the peak bytes it adds
+(:func:`curvop.memory.peak_tensor_bytes`). Through each pair of points it fits a line,
+
+.. math:: \text{cost}(k) = \text{shared} + k \cdot \text{per column},
+
+and from then on it chooses, for any block of ``k`` columns and memory limit, without timing
+again: the kernel and the chunk width (columns per pass over the data) that multiply the block in
+the least predicted time within the limit. The reference kernel (the first candidate) is kept
+unless another is predicted faster by more than :data:`SWITCH_MARGIN`, so that timing noise does
+not flip the choice between equally fast kernels. The choice is a deterministic function of the
+measurements: the same for every product of the operator, reported in ``selections``, and
+overridden by forcing a kernel.
 """
 
 from __future__ import annotations
@@ -19,110 +31,170 @@ from typing import Any
 import torch
 
 from ..data import Batch
-from ..devices import clock
 
-__all__ = ["AUTO", "Kernel", "KernelChoice", "Selection"]
+__all__ = [
+    "AUTO",
+    "CALIBRATION_WIDTH",
+    "Kernel",
+    "KernelPlan",
+    "Line",
+    "Measurement",
+    "Selection",
+    "TORCH_FUNC_KERNELS",
+]
 
 AUTO = "auto"
 Kernel = Callable[[Any, Batch, Sequence[torch.Tensor]], list[torch.Tensor]]
-BLOCK_ONLY = frozenset({"looped"})  # candidates that differ from the others only for k > 1
-REPEAT_BELOW = 0.25  # seconds: a selection whose candidates all ran faster times them twice
+CALIBRATION_WIDTH = 4  # the block width measured besides one column
+BLOCK_ONLY = frozenset({"looped"})  # candidates that equal the reference at one column
+TORCH_FUNC_KERNELS = frozenset({"forward"})  # candidates that run torch.func transforms
+SWITCH_MARGIN = 0.9  # another kernel replaces the reference where it takes at most this share
+REPEAT_BELOW = 0.25  # seconds: a measurement this cheap is repeated, the faster run kept
 
 
-@dataclass
+@dataclass(frozen=True)
+class Line:
+    """``shared + per_column * k``: a cost in the number of columns ``k``."""
+
+    shared: float
+    per_column: float
+
+    def at(self, k: int) -> float:
+        return self.shared + self.per_column * k
+
+    @classmethod
+    def through(cls, one: float, width: int, wide: float) -> Line:
+        """The line through ``(1, one)`` and ``(width, wide)``; never falling, never below 0."""
+        if width == 1:
+            return cls(0.0, one)
+        per_column = max(0.0, (wide - one) / (width - 1))
+        return cls(max(0.0, one - per_column), per_column)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One candidate's run on the first batch: its seconds and the peak bytes it added."""
+
+    seconds: float
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Selection:
-    """What was measured for one block width.
+    """How a block of ``k`` columns is multiplied.
 
     Attributes
     ----------
     kernel : str
-        The candidate in use (the fastest, or the one forced).
-    seconds : dict
-        Seconds of each candidate that ran (its fastest run), on the first batch of the first
-        product.
-    failures : dict
-        Candidates that could not run, with the reason (e.g. ``torch.func`` cannot trace the
-        model, or an operation has no forward-mode rule).
-    runs : dict
-        How many times each candidate ran.
+        The candidate used.
+    chunk : int
+        Columns per pass over the data (``k`` in one pass, or fewer where memory is short).
+    seconds : float
+        Predicted seconds of the whole block on the first batch.
+    bytes : int
+        Predicted peak bytes of one pass on one batch (the autograd graph and the batch's
+        products).
     """
 
     kernel: str
-    seconds: dict[str, float] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    runs: dict[str, int] = field(default_factory=dict)
+    chunk: int
+    seconds: float
+    bytes: int
 
 
-class KernelChoice:
-    """The candidate kernels of one operator, and the one in use per block width.
+@dataclass
+class KernelPlan:
+    """The candidate kernels of one operator, what was measured of them, and the choice.
 
     Parameters
     ----------
     candidates
         Name -> kernel ``(objective, batch, columns) -> products``. The first is the reference:
-        it always runs during a selection, and its exceptions (the user's model or loss raising)
-        propagate unchanged; the others' are recorded and the candidate is skipped.
+        its exceptions (the user's model or loss raising) propagate; the others' are recorded in
+        ``failures`` and the candidate is dropped.
     kernel
-        ``"auto"`` (measure and choose), or the name of one candidate to use always.
+        ``"auto"`` (measure and choose), or the name of the one candidate to use.
     """
 
-    def __init__(self, candidates: dict[str, Kernel], kernel: str = AUTO):
-        choices = (AUTO, *candidates)
-        if not isinstance(kernel, str) or kernel not in choices:
-            raise ValueError(f"kernel must be one of {choices}, got {kernel!r}")
-        self.candidates, self.kernel = candidates, kernel
-        self.selections: dict[int, Selection] = {}
+    candidates: dict[str, Kernel]
+    kernel: str = AUTO
+    measurements: dict[str, dict[int, Measurement]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    selections: dict[int, Selection] = field(default_factory=dict)
 
-    def __call__(self, objective: Any, batch: Batch, columns: Sequence[torch.Tensor]):
-        k = columns[0].shape[0]
-        selection = self.selections.get(k)
-        if selection is not None:
-            return self.candidates[selection.kernel](objective, batch, columns)
-        return self._select(k, objective, batch, columns)
+    def __post_init__(self) -> None:
+        choices = (AUTO, *self.candidates)
+        if not isinstance(self.kernel, str) or self.kernel not in choices:
+            raise ValueError(f"kernel must be one of {choices}, got {self.kernel!r}")
 
-    def column_seconds(self, k: int) -> float | None:
-        """Measured seconds per column of a ``k``-column block on the first batch (``None``
-        before the first product of that width)."""
-        selection = self.selections.get(k)
-        return None if selection is None else selection.seconds[selection.kernel] / k
+    @property
+    def reference(self) -> str:
+        return self.kernel if self.kernel != AUTO else next(iter(self.candidates))
 
-    def _names(self, k: int) -> list[str]:
+    def names(self, k: int) -> list[str]:
+        """The candidates that compete for a block of ``k`` columns."""
         if self.kernel != AUTO:
             return [self.kernel]
-        return [name for name in self.candidates if k > 1 or name not in BLOCK_ONLY]
+        return [
+            name
+            for name in self.candidates
+            if name not in self.failures and (k > 1 or name not in BLOCK_ONLY)
+        ]
 
-    def _select(self, k: int, objective: Any, batch: Batch, columns: Sequence[torch.Tensor]):
-        """Time the candidates on ``batch`` and keep the fastest; return its product.
+    def missing(self, widths: Sequence[int]) -> list[tuple[str, int]]:
+        """``(candidate, width)`` pairs still to be measured for a choice between ``widths``."""
+        return [
+            (name, width)
+            for width in widths
+            for name in self.names(width)
+            if width not in self.measurements.get(name, {})
+        ]
 
-        The first run of all pays one-time costs (allocations, ``torch.func``'s decompositions),
-        and one run of a cheap batch is at the mercy of the machine's noise, so a second round
-        times every candidate again when the slowest took under ``REPEAT_BELOW`` seconds (the
-        first candidate alone otherwise); each keeps its fastest run.
-        """
-        device = columns[0].device
-        names = self._names(k)
-        selection = Selection(names[0])
-        best, best_seconds = None, math.inf
-        for round_names in (names, None):
-            if round_names is None:  # the second round
-                if len(names) == 1:
+    def record(self, name: str, width: int, measurement: Measurement) -> None:
+        """Keep a measurement (a candidate that only differs at several columns also gets the
+        reference's one-column figures)."""
+        self.measurements.setdefault(name, {})[width] = measurement
+        if width == 1 and name == next(iter(self.candidates)):
+            for other in BLOCK_ONLY & set(self.candidates):
+                self.measurements.setdefault(other, {})[1] = measurement
+
+    def fail(self, name: str, error: BaseException) -> None:
+        self.failures[name] = f"{type(error).__name__}: {error}"
+
+    def costs(self, name: str) -> tuple[Line, Line]:
+        """Seconds and bytes of ``name`` as lines in the number of columns."""
+        measured = {w: m for w, m in self.measurements[name].items() if math.isfinite(m.bytes)}
+        one = measured[1]
+        wide_width = max(measured)
+        wide = measured[wide_width]
+        return (
+            Line.through(one.seconds, wide_width, wide.seconds),
+            Line.through(one.bytes, wide_width, wide.bytes),
+        )
+
+    def select(self, k: int, limit: float | None, max_chunk: int | None = None) -> Selection:
+        """The fastest predicted way to multiply ``k`` columns with at most ``limit`` bytes per
+        pass (``None``: no limit) and ``max_chunk`` columns per pass; one column per pass with
+        the leanest kernel where nothing fits. Needs the measurements of :meth:`missing` for
+        ``(1, CALIBRATION_WIDTH)`` (``(1,)`` for ``k = 1``). A candidate whose block run did not
+        fit in memory (an infinite measurement) runs one column per pass."""
+        best: dict[str, Selection] = {}
+        widest = min(k, max_chunk or k)
+        for name in self.names(k):
+            seconds, memory = self.costs(name)
+            blocks = all(math.isfinite(m.bytes) for m in self.measurements[name].values())
+            for chunk in range(1, widest + 1 if blocks else 2):
+                peak = memory.at(chunk)
+                if chunk > 1 and limit is not None and peak > limit:
                     break
-                cheap = max(selection.seconds.values()) < REPEAT_BELOW
-                round_names = [n for n in names if n in selection.seconds] if cheap else names[:1]
-            for index, name in enumerate(round_names):
-                start = clock(device)
-                try:
-                    products = self.candidates[name](objective, batch, columns)
-                except Exception as error:
-                    if index == 0 and name == names[0]:  # the reference: the user's code raised
-                        raise
-                    selection.failures[name] = f"{type(error).__name__}: {error}"
-                    continue
-                elapsed = clock(device) - start
-                selection.seconds[name] = min(selection.seconds.get(name, math.inf), elapsed)
-                selection.runs[name] = selection.runs.get(name, 0) + 1
-                if elapsed < best_seconds:  # the fastest run so far: keep its product
-                    best, best_seconds, selection.kernel = products, elapsed, name
-                del products
-        self.selections[k] = selection
-        return best
+                total = math.ceil(k / chunk) * seconds.at(chunk)
+                if name not in best or total <= best[name].seconds:  # ties: fewer passes
+                    best[name] = Selection(name, chunk, total, int(peak))
+        fitting = {n: s for n, s in best.items() if limit is None or s.bytes <= limit}
+        if not fitting:  # even one column exceeds the limit: run the leanest one at a time
+            return min(best.values(), key=lambda s: s.bytes)
+        fastest = min(fitting.values(), key=lambda s: s.seconds)
+        reference = fitting.get(self.reference)
+        if reference is not None and fastest.seconds > SWITCH_MARGIN * reference.seconds:
+            return reference
+        return fastest
