@@ -46,12 +46,12 @@ def bar(enabled: bool, total: int | None, description: str) -> Iterator[Any]:
 
 
 @contextmanager
-def counting(block: Any, enabled: bool, total: int | None, description: str) -> Iterator[Any]:
-    """``block`` (a :class:`~curvop.linalg.adapter.BlockOperator`) whose products advance a bar
-    by the number of columns they multiply."""
+def counting(op: Any, enabled: bool, total: int | None, description: str) -> Iterator[None]:
+    """Inside the block, every product of ``op`` advances a bar (when ``enabled``) by the number
+    of columns it multiplies."""
     with bar(enabled, total, description) as progress:
         if progress is None:
-            yield block
+            yield
             return
-        with count_products(block, progress.update):
-            yield block
+        with count_products(op, progress.update):
+            yield

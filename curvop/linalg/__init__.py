@@ -7,16 +7,18 @@
 - :func:`hutchinson_diagonal`, :func:`xdiag` — diagonal estimates.
 - :func:`spectral_density` — SLQ or KPM spectral density.
 
-On a :class:`~curvop.CurvatureOperator` everything except the two SciPy solvers runs in torch on
-the parameters' device, multiplying all probes of a step in one pass over the data.
+Every algorithm sees its operator as a :class:`~curvop.BlockOperator` (a curvop operator, a sum or
+scaling of them, or any other SciPy operator wrapped with a numpy round trip) within a memory
+budget (:mod:`curvop.linalg.workspace`), and runs in torch on the operator's device.
 """
 
+from .convergence import ConvergenceWarning
 from .density import SpectralDensity, spectral_density
 from .diagonal import hutchinson_diagonal, xdiag
 from .eigen import top_eigenvalues
 from .lanczos import lanczos
 from .probes import draw_probes, make_generator
-from .solve import ConvergenceWarning, SolveResult, solve_damped
+from .solve import SolveResult, solve_damped
 from .trace import Estimate, hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [

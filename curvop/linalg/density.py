@@ -18,7 +18,6 @@ smoothed version of it from a few random probes.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +28,9 @@ from numpy.polynomial import chebyshev
 from scipy.integrate import trapezoid
 from scipy.linalg import eigh_tridiagonal
 
-from ..progress import counting
-from ..validation import check_positive_int, check_real
-from .adapter import BlockOperator, as_block_operator
-from .checks import check_choice
-from .lanczos import LanczosRun, lanczos_block
-from .probes import probe_chunks
+from ..validation import check_choice, check_positive_int, check_real
+from .lanczos import WORKING_VECTORS, LanczosRun, lanczos_block
+from .workspace import Workspace, open_workspace
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -45,6 +41,7 @@ BOUND_STEPS = 20  # Lanczos steps that find KPM's spectrum bounds
 MARGIN = 0.05  # KPM: the grid extends the bounds by this fraction of their width each side,
 # and the Chebyshev interval by twice as much (the grid then stays inside |x| <= 0.92)
 KPM_VECTORS = 4  # n-vectors per probe in the Chebyshev recurrence (three terms and a product)
+MOMENT_SLACK = 1e-3  # |mu_k| may exceed mu_0 by this (relative) before the bounds are blamed
 LOG_FLOOR = 1e-8  # log plots show densities down to this fraction of the peak
 LOG_HEADROOM = 3.0  # log plots end this factor above the peak (half a decade)
 
@@ -136,39 +133,24 @@ def _quadrature(run: LanczosRun, num_steps: int) -> tuple[np.ndarray, np.ndarray
     return nodes, weights
 
 
-def probes_at_once(
-    block: BlockOperator, vectors_per_probe: int, itemsize: int, num_probes: int, memory_gb: float
-) -> int:
-    """How many probes run side by side: as many as ``memory_gb`` holds of their
-    ``vectors_per_probe`` n-vectors of ``itemsize`` bytes, all of them if they fit (products of a
-    block never cost more per column than alone: the operators time a loop over columns among
-    their kernels), and always at least one: a probe needs all its vectors, so one that does not
-    fit in ``memory_gb`` still runs (the budget bounds how many run at once, not the steps asked
-    for; SLQ 4 x 30 on ResNet-18's 11M parameters keeps 1.25 GiB).
-
-    SLQ keeps its Lanczos basis in the operator's dtype: its products carry that precision, and a
-    basis orthogonal to it (full reorthogonalization) gives the same Ritz values as a float64 one
-    to far below it (1e-8 relative on a float32 MLP, against products accurate to about 1e-6), at
-    half the memory and half the time spent reading the basis.
-    """
-    size = vectors_per_probe * block.n * itemsize
-    return max(1, min(num_probes, int(memory_gb * 2**30 // size)))
-
-
 def _slq(
-    block: BlockOperator,
+    work: Workspace,
     generator: torch.Generator,
     num_probes: int,
     num_steps: int,
     num_points: int,
     sigma: float | None,
-    memory_gb: float,
 ) -> SpectralDensity:
-    steps = min(num_steps, block.n)
-    chunk = probes_at_once(block, steps, block.dtype.itemsize, num_probes, memory_gb)
+    """SLQ with as many probes side by side as their bases and products fit in the budget (the
+    fastest such width by the operator's costs; at least one): each keeps its Lanczos basis in
+    the operator's dtype, whose products carry no more precision, and a basis orthogonal to it
+    gives Ritz values as accurate as a float64 one."""
+    steps = min(num_steps, work.n)
+    per_probe = steps * work.vector_bytes() + WORKING_VECTORS * work.n * 8
+    width = work.width(num_probes, per_probe)
     runs = [
-        _quadrature(lanczos_block(block, probes, num_steps, block.dtype), num_steps)
-        for probes in probe_chunks(block, generator, num_probes, chunk)
+        _quadrature(lanczos_block(work, probes, num_steps, work.dtype), num_steps)
+        for probes in work.probe_chunks(generator, num_probes, width, "rademacher")
     ]
     nodes, weights = (np.concatenate(parts) for parts in zip(*runs, strict=True))
     low, high = float(nodes.min()), float(nodes.max())
@@ -180,9 +162,16 @@ def _slq(
     return SpectralDensity(grid, _normalized(grid, density), "slq", nodes, weights, sigma)
 
 
-def _spectrum_bounds(block: BlockOperator, probe: torch.Tensor) -> tuple[float, float]:
-    r"""Ritz values :math:`\theta_j` widened by their residuals :math:`|\beta_m s_{mj}|`."""
-    run = lanczos_block(block, probe, BOUND_STEPS)
+def _spectrum_bounds(work: Workspace, generator: torch.Generator) -> tuple[float, float]:
+    r"""Bounds of the spectrum: Ritz values :math:`\theta_j` of ``BOUND_STEPS`` Lanczos steps from a
+    Gaussian start, widened by their residuals :math:`|\beta_m s_{mj}|`.
+
+    A Gaussian start has a nonzero component along every eigenvector almost surely (a Rademacher
+    one is orthogonal to :math:`(e_1 - e_2)/\sqrt{2}` half the time, and then misses an outlier
+    there entirely).
+    """
+    start = work.probes(1, generator, "gaussian", torch.float64)
+    run = lanczos_block(work, start, BOUND_STEPS)
     m = int(run.lengths[0])
     theta, vectors = eigh_tridiagonal(run.alphas[0, :m], run.betas[0, : m - 1])
     residuals = abs(run.betas[0, m - 1]) * np.abs(vectors[-1])
@@ -202,7 +191,7 @@ def _jackson_damping(num_moments: int) -> np.ndarray:
 
 
 def _chebyshev_moments(
-    block: BlockOperator, probes: torch.Tensor, center: float, half_width: float, num_moments: int
+    work: Workspace, probes: torch.Tensor, center: float, half_width: float, num_moments: int
 ) -> np.ndarray:
     r"""Hutchinson estimates of :math:`\mu_k = \frac{1}{n}\operatorname{tr} T_k(\tilde A)`.
 
@@ -212,8 +201,10 @@ def _chebyshev_moments(
     ``N / 2`` block products.
     """
 
+    kept = KPM_VECTORS * probes.numel() * 8
+
     def scaled(V: torch.Tensor) -> torch.Tensor:
-        return (block.matmat(V) - center * V) / half_width
+        return (work.multiply(V, kept, torch.float64) - center * V) / half_width
 
     def mean_inner(X: torch.Tensor, Y: torch.Tensor) -> float:
         return float((X * Y).sum()) / probes.numel()
@@ -233,27 +224,39 @@ def _chebyshev_moments(
     return moments
 
 
+def _check_moments(moments: np.ndarray, low: float, high: float) -> None:
+    r"""Raise unless :math:`|\mu_k| \le \mu_0`, as holds for every spectrum inside the bounds
+    (:math:`|T_k| \le 1` on :math:`[-1, 1]`, for each probe alike); outside them :math:`T_k` grows
+    exponentially in :math:`k`, and the density would be garbage."""
+    worst = int(np.argmax(np.abs(moments)))
+    if abs(moments[worst]) > (1 + MOMENT_SLACK) * moments[0]:
+        raise RuntimeError(
+            f"KPM: the spectrum reaches beyond the bounds [{low:.4g}, {high:.4g}] that Lanczos "
+            f"found (Chebyshev moment {worst} is {moments[worst]:.3g}, more than mu_0 = "
+            f"{moments[0]:.3g}), so the density would be wrong; use method='slq', or another seed"
+        )
+
+
 def _kpm(
-    block: BlockOperator,
+    work: Workspace,
     generator: torch.Generator,
     num_probes: int,
     num_moments: int,
     num_points: int,
-    memory_gb: float,
 ) -> SpectralDensity:
-    chunk = probes_at_once(block, KPM_VECTORS, 8, num_probes, memory_gb)  # float64 vectors
-    chunks = probe_chunks(block, generator, num_probes, chunk)
-    first = next(chunks)
-    low, high = _spectrum_bounds(block, first[:, :1])
+    low, high = _spectrum_bounds(work, generator)
     margin = MARGIN * ((high - low) or max(abs(low), abs(high), 1.0))
     center, half_width = (low + high) / 2, (high - low) / 2 + 2 * margin
+    width = work.width(num_probes, KPM_VECTORS * work.n * 8)
     moments = (
         sum(  # the mean over all probes, from the means over each chunk
-            _chebyshev_moments(block, probes, center, half_width, num_moments) * probes.shape[1]
-            for probes in itertools.chain([first], chunks)
+            _chebyshev_moments(work, probes.double(), center, half_width, num_moments)
+            * probes.shape[1]
+            for probes in work.probe_chunks(generator, num_probes, width, "rademacher")
         )
         / num_probes
     )
+    _check_moments(moments, low, high)
     coefficients = _jackson_damping(num_moments) * moments
     coefficients[1:] *= 2
     grid = np.linspace(low - margin, high + margin, num_points)
@@ -271,7 +274,7 @@ def spectral_density(
     num_points: int = 1000,
     sigma: float | None = None,
     seed: int | None = None,
-    memory_gb: float = 1.0,
+    memory_gb: float | None = None,
     progress: bool = False,
 ) -> SpectralDensity:
     r"""Estimate the spectral density of a symmetric operator.
@@ -283,8 +286,9 @@ def spectral_density(
     method
         ``"slq"`` (stochastic Lanczos quadrature) or ``"kpm"`` (kernel polynomial method).
     num_probes
-        Number of Rademacher probes; as many as ``memory_gb`` allows run side by side, their
-        products as one block per step (all of them on models up to a few million parameters).
+        Number of Rademacher probes; those that run side by side share one block product per
+        step: as many as make the call fastest by the operator's measured costs within
+        ``memory_gb``.
     num_steps
         SLQ: Lanczos steps per probe (at most ``n`` are taken). KPM: number of Chebyshev moments
         (about ``num_steps / 2`` block products, plus 20 single products for the bounds).
@@ -297,10 +301,12 @@ def spectral_density(
     seed
         Seed of the private generator. The probes are the same whatever ``memory_gb``.
     memory_gb
-        Budget for the vectors the probes keep (default 1 GiB): SLQ keeps ``num_steps`` vectors
-        per probe (full reorthogonalization) in the operator's dtype; KPM four. Probes beyond
-        what fits run in later chunks (more passes over the data, the same result); one probe
-        always runs, even when its vectors alone exceed the budget.
+        Budget in GiB for what the call holds at once: SLQ keeps ``num_steps`` vectors per probe
+        (full reorthogonalization) in the operator's dtype, KPM four in float64, and the block
+        products their autograd graphs. Default (``None``): half of the device's free memory,
+        of which a product takes at most four single products' worth. Probes beyond what fits
+        run in later chunks (more passes over the data, the same result); one probe always
+        runs, even when its vectors alone exceed the budget.
     progress
         Show a progress bar of the column products (tqdm; see :mod:`curvop.progress`).
 
@@ -323,7 +329,7 @@ def spectral_density(
     >>> bool(np.isclose(trapezoid(result.density, result.grid), 1.0))
     True
     """
-    block = as_block_operator(op)
+    work = open_workspace(op, memory_gb)
     method = check_choice(method, "method", METHODS)
     num_probes = check_positive_int(num_probes, "num_probes")
     num_steps = check_positive_int(num_steps, "num_steps")
@@ -334,12 +340,11 @@ def spectral_density(
         if method != "slq":
             raise ValueError("sigma applies to method='slq' only (KPM uses a Jackson kernel)")
         sigma = check_real(sigma, "sigma", positive=True)
-    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
-    generator = block.generator(seed)
+    generator = work.generator(seed)
     if method == "slq":
-        total = num_probes * min(num_steps, block.n)
-        with counting(block, progress, total, "spectral density (SLQ)") as block:
-            return _slq(block, generator, num_probes, num_steps, num_points, sigma, memory_gb)
+        total = num_probes * min(num_steps, work.n)
+        with work.counting(progress, total, "spectral density (SLQ)"):
+            return _slq(work, generator, num_probes, num_steps, num_points, sigma)
     total = BOUND_STEPS + num_probes * (num_steps // 2)
-    with counting(block, progress, total, "spectral density (KPM)") as block:
-        return _kpm(block, generator, num_probes, num_steps, num_points, memory_gb)
+    with work.counting(progress, total, "spectral density (KPM)"):
+        return _kpm(work, generator, num_probes, num_steps, num_points)

@@ -22,14 +22,28 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..progress import counting
-from ..validation import check_positive_int, check_seed
-from .adapter import BlockOperator, as_block_operator, raise_not_symmetric
-from .checks import as_float64_vector
+from ..validation import as_float64_vector, check_positive_int, check_seed
+from .workspace import Workspace, open_workspace, raise_not_symmetric
 
-__all__ = ["LanczosRun", "lanczos", "lanczos_block"]
+__all__ = ["LanczosRun", "breakdown_tolerance", "lanczos", "lanczos_block"]
 
 TWICE_IS_ENOUGH = 2**-0.5  # a second Gram-Schmidt sweep where one removed more of the norm
+BREAKDOWN_EXPONENT = 0.75  # a residual below eps**0.75 of ||A|| is rounding: a breakdown
+WORKING_VECTORS = 4  # n-vectors per process besides its basis: q, the previous q, w, a copy
+
+
+def breakdown_tolerance(work: Workspace) -> float:
+    r"""Relative size :math:`\beta / \|A\|` below which a residual is rounding noise: an invariant
+    subspace was found.
+
+    :math:`\varepsilon^{3/4}` of the products' dtype (``1.8e-12`` in float64, ``6.4e-6`` in
+    float32), or the operator's stated accuracy where that is larger (a finite-difference
+    operator's products carry no more). The residual of an exactly invariant subspace is the
+    rounding of the products and of the orthogonalization, hundreds of :math:`\varepsilon` of
+    :math:`\|A\|`; :math:`\sqrt{\varepsilon}` (``3.5e-4`` in float32) stopped processes whose
+    residuals were real, in a narrow bulk of a wide spectrum.
+    """
+    return max(work.eps**BREAKDOWN_EXPONENT, work.op.accuracy)
 
 
 class LanczosRun(NamedTuple):
@@ -52,10 +66,7 @@ class LanczosRun(NamedTuple):
 
 
 def _check_symmetric(
-    coefficients: torch.Tensor,
-    scale: torch.Tensor,
-    active: torch.Tensor,
-    block: BlockOperator,
+    coefficients: torch.Tensor, scale: torch.Tensor, active: torch.Tensor, work: Workspace
 ) -> None:
     r"""Raise unless :math:`Aq_j` couples to the basis as symmetry demands.
 
@@ -70,8 +81,8 @@ def _check_symmetric(
     """
     relative = coefficients.abs().amax(1) / scale.clamp_min(torch.finfo(scale.dtype).tiny)
     worst = float(torch.where(active.to(relative.device), relative, 0.0).max())
-    if worst > block.symmetry_tolerance:
-        raise_not_symmetric(worst, block.symmetry_tolerance)
+    if worst > work.symmetry_tolerance:
+        raise_not_symmetric(worst, work.symmetry_tolerance)
 
 
 def _reorthogonalize(
@@ -79,7 +90,7 @@ def _reorthogonalize(
     w: torch.Tensor,
     norm: torch.Tensor,
     active: torch.Tensor,
-    block: BlockOperator,
+    work: Workspace,
 ) -> torch.Tensor:
     r"""The rows of ``w`` (``(p, n)``) made orthogonal to the basis ``previous`` (``(p, j, n)``).
 
@@ -94,7 +105,7 @@ def _reorthogonalize(
     for sweep in range(2):
         coefficients = torch.bmm(w.to(previous.dtype)[:, None], previous.transpose(1, 2))
         if sweep == 0:
-            _check_symmetric(coefficients[:, 0].double(), norm, active, block)
+            _check_symmetric(coefficients[:, 0].double(), norm, active, work)
         before = torch.linalg.vector_norm(w, dim=1)
         if previous.dtype == w.dtype:  # fused: w - c B in one pass over the basis
             w = torch.baddbmm(w[:, None], coefficients, previous, alpha=-1)[:, 0]
@@ -105,58 +116,58 @@ def _reorthogonalize(
     return w
 
 
-def _products(block: BlockOperator, q: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """The rows :math:`A q_i` (``(p, n)``) of the active processes; zero rows for the others."""
+def _products(work: Workspace, q: torch.Tensor, active: torch.Tensor, kept: int) -> torch.Tensor:
+    """The rows :math:`A q_i` (``(p, n)``) of the active processes, in float64; zero rows for the
+    others. ``kept``: the bytes of vectors the processes hold."""
     if bool(active.all()):
-        return block.matmat(q.T).T
+        return work.multiply(q.T, kept, torch.float64).T
     rows = active.nonzero().squeeze(1).to(q.device)
-    w = torch.zeros_like(q)
-    w[rows] = block.matmat(q[rows].T).T
+    w = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    w[rows] = work.multiply(q[rows].T, kept, torch.float64).T
     return w
 
 
 def lanczos_block(
-    block: BlockOperator,
+    work: Workspace,
     start: torch.Tensor,
     num_steps: int,
     basis_dtype: torch.dtype = torch.float64,
 ) -> LanczosRun:
     r"""Run one Lanczos process per column of ``start`` (``(n, p)``), all products as one block.
 
-    A process stops early when its residual norm :math:`\beta_j \le \sqrt{\varepsilon}\,
-    \max_{i \le j}(|\alpha_i|, \beta_i)` (an invariant subspace; :math:`\varepsilon` of the
-    operator's dtype); its later columns are no longer multiplied. At most ``n`` steps are taken.
-    The basis of ``p * num_steps`` vectors is kept in ``basis_dtype`` (float64, or the operator's
-    own dtype to halve the memory, with orthogonality to that precision); the recurrence itself
-    runs in float64. The Lanczos vectors are rows here, so that each process' basis is one
-    contiguous ``(num_steps, n)`` matrix.
+    A process stops early when its residual norm :math:`\beta_j` falls to rounding, below
+    :func:`breakdown_tolerance` times the largest product norm so far (a lower bound of
+    :math:`\|A\|`): an invariant subspace; its later columns are no longer multiplied. At most
+    ``n`` steps are taken. The basis of ``p * num_steps`` vectors is kept in ``basis_dtype``
+    (float64, or the operator's own dtype to halve the memory, with orthogonality to that
+    precision); the recurrence itself runs in float64. The Lanczos vectors are rows here, so that
+    each process' basis is one contiguous ``(num_steps, n)`` matrix.
     """
     n, p = start.shape
     m = min(num_steps, n)
+    start = start.double()
     q = (start / torch.linalg.vector_norm(start, dim=0)).T.contiguous()
     basis = torch.empty(p, m, n, dtype=basis_dtype, device=start.device)
+    kept = basis.numel() * basis.itemsize + WORKING_VECTORS * p * n * 8
     alphas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     lengths = torch.full((p,), m, dtype=torch.long)
-    scale = torch.zeros(p, dtype=torch.float64, device=start.device)
-    norm = torch.zeros_like(scale)  # the largest product row norm, for the symmetry check
+    norm = torch.zeros(p, dtype=torch.float64, device=start.device)  # largest ||A q_j|| so far
     active = torch.ones(p, dtype=torch.bool)
-    tolerance = block.eps**0.5
+    tolerance = breakdown_tolerance(work)
     previous_q = torch.zeros_like(q)
     for step in range(m):
         basis[:, step] = q
-        w = _products(block, q, active)
+        w = _products(work, q, active, kept)
         alphas[:, step] = torch.linalg.vecdot(q, w)
-        scale = torch.maximum(scale, alphas[:, step].abs())
         norm = torch.maximum(norm, torch.linalg.vector_norm(w, dim=1))
         w -= alphas[:, step, None] * q
         if step:
             w -= betas[:, step - 1, None] * previous_q
-        w = _reorthogonalize(basis[:, : step + 1], w, norm, active, block)
+        w = _reorthogonalize(basis[:, : step + 1], w, norm, active, work)
         beta = torch.linalg.vector_norm(w, dim=1)
         betas[:, step] = beta
-        scale = torch.maximum(scale, beta)
-        stopped = (beta <= tolerance * scale).cpu() & active
+        stopped = (beta <= tolerance * norm).cpu() & active
         lengths[stopped] = step + 1
         active &= ~stopped
         if not active.any():
@@ -200,18 +211,18 @@ def lanczos(
     >>> len(alphas)
     3
     """
-    block = as_block_operator(op)
+    work = open_workspace(op, None)
     num_steps = check_positive_int(num_steps, "num_steps")
     seed = check_seed(seed)
     if v0 is None:
-        start = block.probes(1, block.generator(seed))
+        start = work.probes(1, work.generator(seed), dtype=torch.float64)
     elif seed is not None:
         raise ValueError("give either v0 or seed, not both: seed only draws a random start")
     else:
-        start = torch.from_numpy(as_float64_vector(v0, "v0", block.n)).to(block.device)[:, None]
+        start = torch.from_numpy(as_float64_vector(v0, "v0", work.n)).to(work.device)[:, None]
         if not start.any():
             raise ValueError("v0 must be nonzero")
-    with counting(block, progress, min(num_steps, block.n), "Lanczos") as block:
-        run = lanczos_block(block, start, num_steps)
+    with work.counting(progress, min(num_steps, work.n), "Lanczos"):
+        run = lanczos_block(work, start, num_steps)
     m = int(run.lengths[0])
     return run.alphas[0, :m], run.betas[0, : m - 1]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 
 from ..validation import check_seed
 
-__all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator", "probe_chunks"]
+__all__ = ["DISTRIBUTIONS", "draw_probes", "make_generator"]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sparse_rademacher")
 SPARSE_DENSITY = 0.1
@@ -56,16 +53,3 @@ def draw_probes(
         return signs
     mask = torch.rand(k, n, generator=generator, device=device).T < SPARSE_DENSITY
     return signs * mask.to(dtype) / SPARSE_DENSITY**0.5
-
-
-def probe_chunks(
-    block: Any,
-    generator: torch.Generator,
-    num_probes: int,
-    chunk: int,
-    distribution: str = "rademacher",
-) -> Iterator[torch.Tensor]:
-    """``block``'s probes, ``chunk`` columns at a time, drawn in order: the same probes whatever
-    ``chunk`` (see :func:`draw_probes`), so that a memory budget never changes a result."""
-    for first in range(0, num_probes, chunk):
-        yield block.probes(min(chunk, num_probes - first), generator, distribution)

@@ -8,7 +8,8 @@ uses every product twice.
 
 The textbook formula for :math:`P_{-i}` inverts the triangular factor of :math:`Y`, which breaks
 down when :math:`Y` is rank-deficient (a low-rank curvature matrix). Here, with the SVD
-:math:`Y = U \Sigma V^\top`, singular values at or below a cutoff :math:`\epsilon` count as zero:
+:math:`Y = U \Sigma V^\top` (from a QR factorization of the tall :math:`Y = Q_Y R` and the SVD of
+the small :math:`R`: no factorization but QR ever sees a matrix of ``n`` rows), singular values at or below a cutoff :math:`\epsilon` count as zero:
 :math:`r` are kept, :math:`Q = U_r`, :math:`v_i` is the ``i``-th row of :math:`V_r` and
 :math:`\eta_i` the norm of the ``i``-th row of the other right singular vectors (the numerical
 null space of :math:`Y`). Without column :math:`i` the singular values are at least
@@ -41,11 +42,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import BlockOperator
+from .workspace import Workspace, raise_not_symmetric
 
-__all__ = ["SKETCH_VECTORS", "ExchangeableSketch", "exchangeable_sketch"]
+__all__ = ["SKETCH_VECTORS", "ExchangeableSketch", "exchangeable_sketch", "tall_svd"]
 
 SKETCH_VECTORS = 4  # (n, s) arrays a sketch holds: probes, images, basis, basis images
+
+
+def tall_svd(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The thin SVD :math:`Y = U \Sigma V^\top` of a tall ``(n, s)`` matrix through its QR
+    factorization :math:`Y = QR` and the SVD of the ``s x s`` factor :math:`R = U_R \Sigma
+    V^\top`, :math:`U = Q U_R`: cuSOLVER's SVD of a tall matrix fails from about 11M rows,
+    while Householder QR scales. Singular values come back in float64."""
+    Q, R = torch.linalg.qr(Y)
+    U_R, sigma, Vh = torch.linalg.svd(R.double())
+    return Q @ U_R.to(Q.dtype), sigma, Vh
 
 
 def _removed_directions(sigma: torch.Tensor, V: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -94,6 +105,8 @@ class ExchangeableSketch:
         :math:`Q`, ``(n, r)`` orthonormal, :math:`r` the numerical rank of :math:`Y`.
     basis_images : torch.Tensor
         :math:`Z = AQ`, ``(n, r)``.
+    projection : torch.Tensor
+        :math:`H = Q^\top Z`, ``(r, r)`` float64, symmetric.
     coordinates : torch.Tensor
         :math:`G = Q^\top Y = \Sigma_r V_r^\top`, ``(r, s)``.
     removed : torch.Tensor
@@ -109,6 +122,7 @@ class ExchangeableSketch:
     images: torch.Tensor
     basis: torch.Tensor
     basis_images: torch.Tensor
+    projection: torch.Tensor
     coordinates: torch.Tensor
     removed: torch.Tensor
     cutoff: float
@@ -142,33 +156,52 @@ class ExchangeableSketch:
 
 
 def exchangeable_sketch(
-    block: BlockOperator,
+    work: Workspace,
     num_probes: int,
     generator: torch.Generator,
     distribution: str,
-    dtype: torch.dtype = torch.float64,
 ) -> ExchangeableSketch:
-    """Sketch ``block`` with ``num_probes < n`` probes: two block products.
+    """Sketch the operator with ``num_probes < n`` probes: two block products.
 
-    The ``(n, s)`` arrays (probes, images, basis and its images) are kept in ``dtype`` (float64,
-    or the operator's dtype to halve their memory on large models); the small ``s x s`` ones
-    are float64. The probes follow ``distribution`` (see ``draw_probes``). Singular values at or
-    below ``10 * num_probes * eps`` (of the operator's dtype) times the largest count as zero.
+    The ``(n, s)`` arrays (probes, images, basis and its images) are kept in the operator's
+    dtype; the small ``s x s`` ones are float64. The probes follow ``distribution`` (see
+    ``draw_probes``). Singular values at or below ``10 * num_probes * eps`` (of the operator's
+    dtype) times the largest count as zero. Raises ``ValueError`` when :math:`Q^\top A Q` shows
+    that the operator is not symmetric (both estimators assume it).
     """
-    probes = block.probes(num_probes, generator, distribution, dtype)
-    images = block.matmat(probes, dtype)
-    U, sigma, Vh = torch.linalg.svd(images, full_matrices=False)
-    sigma, Vh = sigma.double(), Vh.double()
-    cutoff = 10 * num_probes * block.eps * float(sigma[0])
+    vectors = work.vector_bytes() * num_probes
+    probes = work.probes(num_probes, generator, distribution)
+    images = work.multiply(probes, kept=2 * vectors)  # probes and images
+    U, sigma, Vh = tall_svd(images)
+    cutoff = 10 * num_probes * work.eps * float(sigma[0])
     rank = int((sigma > cutoff).sum())
-    basis = U[:, :rank]
+    basis = U[:, :rank].contiguous()
+    del U
+    basis_images = work.multiply(basis, kept=SKETCH_VECTORS * vectors)
+    projection = _symmetric_projection(work, basis, basis_images)
     return ExchangeableSketch(
         probes,
         images,
         basis,
-        block.matmat(basis, dtype),
+        basis_images,
+        projection,
         sigma[:rank, None] * Vh[:rank],
         _removed_directions(sigma, Vh.mT, cutoff)[:rank],
         cutoff,
         num_probes + rank,
     )
+
+
+def _symmetric_projection(
+    work: Workspace, basis: torch.Tensor, images: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`H = Q^\top A Q` (float64, symmetrized); ``ValueError`` unless it is symmetric up to
+    the operator's tolerance relative to the largest product column (a lower bound of
+    :math:`\|A\|`): a non-symmetric operator would give a wrong estimate silently."""
+    projected = (basis.T @ images).double()
+    scale = float(torch.linalg.vector_norm(images, dim=0).max()) if images.numel() else 0.0
+    gap = float((projected - projected.T).abs().max()) / scale if scale > 0 else 0.0
+    # (an empty sketch of the zero operator has scale 0: nothing to check)
+    if gap > work.symmetry_tolerance:
+        raise_not_symmetric(gap, work.symmetry_tolerance)
+    return (projected + projected.T) / 2

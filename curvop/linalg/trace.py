@@ -19,12 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..progress import counting
-from ..validation import check_num_matvecs, check_positive_int, check_real
-from .adapter import BlockOperator, as_block_operator
-from .diagonal import exact_diagonal
-from .probes import probe_chunks
-from .sketch import SKETCH_VECTORS, ExchangeableSketch, exchangeable_sketch
+from .estimation import Estimation, estimation, exact_diagonal
+from .sketch import ExchangeableSketch, exchangeable_sketch
 
 __all__ = ["Estimate", "hutchinson_trace", "hutchpp_trace", "xtrace"]
 
@@ -64,9 +60,9 @@ def _mean_estimate(samples: torch.Tensor, num_matvecs: int, offset: float = 0.0)
     return Estimate(offset + float(samples.mean()), std_error, num_matvecs)
 
 
-def _exact_trace(block: BlockOperator) -> Estimate:
+def _exact_trace(run: Estimation) -> Estimate:
     """The exact trace from the ``n`` columns of the identity: zero standard error."""
-    return Estimate(float(exact_diagonal(block).sum()), 0.0, block.n)
+    return Estimate(float(exact_diagonal(run.work).sum()), 0.0, run.work.n)
 
 
 def hutchinson_trace(
@@ -75,7 +71,7 @@ def hutchinson_trace(
     *,
     distribution: str = "rademacher",
     seed: int | None = None,
-    memory_gb: float = 1.0,
+    memory_gb: float | None = None,
     progress: bool = False,
 ) -> Estimate:
     r"""Hutchinson's estimate :math:`\frac{1}{m}\sum_{i=1}^m \omega_i^\top A \omega_i`.
@@ -85,15 +81,18 @@ def hutchinson_trace(
     op
         A square SciPy ``LinearOperator`` (a curvop operator runs in torch on its device).
     num_matvecs
-        Number of probes :math:`m` (products), multiplied as one block where ``memory_gb``
-        holds them (in chunks otherwise: the same probes, the same estimate); from ``n`` on, the
-        exact trace from ``n`` products.
+        Number of probes :math:`m` (products), multiplied as few blocks as the operator's
+        measured costs and ``memory_gb`` make fastest (the same probes, the same estimate,
+        whatever the blocks); from ``n`` on, the exact trace from ``n`` products.
     distribution
         ``"rademacher"``, ``"gaussian"`` or ``"sparse_rademacher"`` (see ``draw_probes``).
     seed
         Seed of the private generator.
     memory_gb
-        Budget for the probes and their products held at once (default 1 GiB).
+        Budget in GiB for what the call holds at once: the probes, their products and the
+        products' autograd graphs. Default (``None``): half of the device's free memory, of
+        which a product takes at most four single products' worth (see
+        :mod:`curvop.linalg.workspace`).
     progress
         Show a progress bar of the products (tqdm; see :mod:`curvop.progress`).
 
@@ -104,21 +103,21 @@ def hutchinson_trace(
     >>> float(hutchinson_trace(aslinearoperator(np.eye(4)), 8, seed=0))
     4.0
     """
-    block = as_block_operator(op)
-    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
-    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
-    with counting(block, progress, min(num_matvecs, block.n), "trace (Hutchinson)") as block:
-        if num_matvecs >= block.n:
-            return _exact_trace(block)
-        generator = block.generator(seed)
-        chunk = max(1, int(memory_gb * 2**30 // (2 * 8 * block.n)))  # probes and products
+    with estimation(
+        op, num_matvecs, "hutchinson_trace", "trace (Hutchinson)",
+        seed=seed, memory_gb=memory_gb, progress=progress,
+    ) as run:  # fmt: skip
+        if run.exact:
+            return _exact_trace(run)
+        work = run.work
+        width = work.width(num_matvecs, 2 * work.vector_bytes())  # probes and products
         samples = torch.cat(
             [
-                (probes * block.matmat(probes)).sum(0)
-                for probes in probe_chunks(block, generator, num_matvecs, chunk, distribution)
+                (probes * work.multiply(probes, 2 * probes.numel() * probes.itemsize)).sum(0)
+                for probes in work.probe_chunks(run.generator, num_matvecs, width, distribution)
             ]
         )
-    return _mean_estimate(samples, num_matvecs)
+    return _mean_estimate(samples.double(), num_matvecs)
 
 
 def hutchpp_trace(
@@ -126,7 +125,7 @@ def hutchpp_trace(
     num_matvecs: int,
     *,
     seed: int | None = None,
-    memory_gb: float = 1.0,
+    memory_gb: float | None = None,
     progress: bool = False,
 ) -> Estimate:
     r"""Hutch++ (Meyer, Musco, Musco & Woodruff, 2021).
@@ -140,23 +139,23 @@ def hutchpp_trace(
 
     ``std_error`` is that of the second (Monte-Carlo) term. Two block products: :math:`AS`, then
     :math:`A[Q, (I - QQ^\top)G]`. Needs ``num_matvecs >= 3`` (``>= n`` when ``n < 3``); from
-    ``n`` on, the exact trace from ``n`` products. The ``(n, m)`` arrays are float64 while
-    ``memory_gb`` holds them, else in the operator's dtype; ``progress`` as for
-    :func:`hutchinson_trace`.
+    ``n`` on, the exact trace from ``n`` products. The ``(n, m)`` arrays are in the operator's
+    dtype (sums in float64); ``memory_gb`` and ``progress`` as for :func:`hutchinson_trace`.
     """
-    block = as_block_operator(op)
-    num_matvecs = check_num_matvecs(num_matvecs, min(3, block.n), "hutchpp_trace")
-    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
-    with counting(block, progress, min(num_matvecs, block.n), "trace (Hutch++)") as block:
-        if num_matvecs >= block.n:
-            return _exact_trace(block)
-        generator = block.generator(seed)
-        dtype = block.working_dtype(2 * num_matvecs, memory_gb)
-        rank = num_matvecs // 3
-        basis = torch.linalg.qr(block.matmat(block.probes(rank, generator, dtype=dtype), dtype)).Q
-        probes = block.probes(num_matvecs - 2 * rank, generator, dtype=dtype)
+    with estimation(
+        op, num_matvecs, "hutchpp_trace", "trace (Hutch++)",
+        seed=seed, memory_gb=memory_gb, progress=progress, minimum=3,
+    ) as run:  # fmt: skip
+        if run.exact:
+            return _exact_trace(run)
+        work, rank = run.work, num_matvecs // 3
+        vectors = work.vector_bytes() * num_matvecs
+        sketch = work.multiply(work.probes(rank, run.generator), kept=vectors)
+        basis = torch.linalg.qr(sketch).Q
+        del sketch
+        probes = work.probes(num_matvecs - 2 * rank, run.generator)
         probes = probes - basis @ (basis.T @ probes)
-        images = block.matmat(torch.cat([basis, probes], dim=1), dtype)
+        images = work.multiply(torch.cat([basis, probes], dim=1), kept=2 * vectors)
     low_rank = float((basis * images[:, :rank]).double().sum())
     samples = (probes * images[:, rank:]).double().sum(0)
     return _mean_estimate(samples, num_matvecs, low_rank)
@@ -253,7 +252,7 @@ def xtrace(
     num_matvecs: int,
     *,
     seed: int | None = None,
-    memory_gb: float = 1.0,
+    memory_gb: float | None = None,
     progress: bool = False,
 ) -> Estimate:
     r"""XTrace (Epperly, Tropp & Webber, 2024): Hutch++ made exchangeable.
@@ -305,22 +304,19 @@ def xtrace(
     with :math:`M = I - c_i c_i^\top` for :math:`t_i` and :math:`M = M_{-k} - u_{ik} u_{ik}^\top`
     for :math:`t_i^{(k)}` (:mod:`curvop.linalg.sketch`). The standard error costs no product,
     :math:`O(s^4)` floating-point operations on ``s x s`` matrices (batched SVDs) and no
-    ``n``-sized memory beyond the sketch. The sketch's four ``(n, s)`` arrays are float64 while
-    ``memory_gb`` (1 GiB) holds them, else in the operator's dtype (half for float32: XTrace(30)
-    on 11M parameters holds 2.6 GB instead of 5.3); ``progress`` shows a bar of the products.
+    ``n``-sized memory beyond the sketch. The sketch's four ``(n, s)`` arrays are in the
+    operator's dtype; ``memory_gb`` and ``progress`` as for :func:`hutchinson_trace`. Raises
+    ``ValueError`` when the sketch shows that the operator is not symmetric (the estimate would
+    be wrong).
     """
-    block = as_block_operator(op)
-    num_matvecs = check_num_matvecs(num_matvecs, min(2, block.n), "xtrace")
-    memory_gb = check_real(memory_gb, "memory_gb", positive=True)
-    with counting(block, progress, min(num_matvecs, block.n), "trace (XTrace)") as block:
-        if num_matvecs >= block.n:
-            return _exact_trace(block)
-        generator = block.generator(seed)
-        dtype = block.working_dtype(SKETCH_VECTORS * (num_matvecs // 2), memory_gb)
-        sketch = exchangeable_sketch(block, num_matvecs // 2, generator, "gaussian", dtype)
-    Q, Z, Omega = sketch.basis, sketch.basis_images, sketch.probes
-    H = (Q.T @ Z).double()
-    H = (H + H.T) / 2
+    with estimation(
+        op, num_matvecs, "xtrace", "trace (XTrace)",
+        seed=seed, memory_gb=memory_gb, progress=progress, minimum=2,
+    ) as run:  # fmt: skip
+        if run.exact:
+            return _exact_trace(run)
+        sketch = exchangeable_sketch(run.work, num_matvecs // 2, run.generator, "gaussian")
+    Q, Z, Omega, H = sketch.basis, sketch.basis_images, sketch.probes, sketch.projection
     W, T = (Q.T @ Omega).double(), (Z.T @ Omega).double()
     d = (Omega * sketch.images).double().sum(0)
     identity = torch.eye(len(H), dtype=H.dtype, device=H.device)
