@@ -84,6 +84,7 @@ def main() -> None:
             print(
                 f"one process, all the data: max |difference| {np.abs(top - reference).max():.1e}"
             )
+    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-message
     dist.destroy_process_group()
 
 

@@ -72,6 +72,13 @@ def _init(rank: int, store: str) -> None:
     )  # fmt: skip
 
 
+def _finish() -> None:
+    """Leave together: a rank that tears the group down while the other still reads its last
+    messages makes gloo's I/O thread abort the other process."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _agreement_worker(rank: int, store: str, out: str) -> None:
     _init(rank, store)
     try:
@@ -81,7 +88,7 @@ def _agreement_worker(rank: int, store: str, out: str) -> None:
         G = curvop.GaussNewtonOperator(model, loss_fn, shard(rank, x, y), process_group=group)
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(everything(H, G)))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _raising_model(rank: int) -> nn.Module:
@@ -122,7 +129,7 @@ def _failure_worker(rank: int, store: str, out: str) -> None:
         ).apply(v))  # fmt: skip
         Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(outcomes))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def spawn(worker, tmp_path: Path) -> list:

@@ -20,7 +20,7 @@ from curvop import (
     xdiag,
     xtrace,
 )
-from curvop.linalg import diagonal as diagonal_module
+from curvop.linalg import estimation as estimation_module
 
 budget_settings = settings(max_examples=25, deadline=None)
 
@@ -170,7 +170,7 @@ def test_hutchpp_with_a_sketch_wider_than_the_matrix(n, budget):
 
 def test_exact_answers_multiply_the_identity_in_bounded_blocks(monkeypatch):
     """Identity columns go in blocks of at most IDENTITY_BLOCK_ELEMENTS / n columns."""
-    monkeypatch.setattr(diagonal_module, "IDENTITY_BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(estimation_module, "IDENTITY_BLOCK_ELEMENTS", 100)
     A = rotated(np.linspace(-1.0, 2.0, 30), seed=3)
     widths = []
 

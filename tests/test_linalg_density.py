@@ -137,8 +137,8 @@ def test_float32_rounding_is_not_taken_for_asymmetry_when_a_probe_starts_with_a_
     measures rounding against the products' norm, not the first alpha."""
     import torch
 
-    from curvop.linalg.adapter import as_block_operator
     from curvop.linalg.lanczos import lanczos_block
+    from curvop.linalg.workspace import open_workspace
 
     n = 500
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ def test_float32_rounding_is_not_taken_for_asymmetry_when_a_probe_starts_with_a_
     mix = (basis[:, 0] + basis[:, 1]) / np.sqrt(2) + 1e-3 * rng.standard_normal(n) / np.sqrt(n)
     start = torch.from_numpy(mix)
     run = lanczos_block(
-        as_block_operator(aslinearoperator(matrix)), start[:, None], 20, torch.float32
+        open_workspace(aslinearoperator(matrix), None), start[:, None], 20, torch.float32
     )
     assert abs(run.alphas[0, 0]) < 1e-3 * np.linalg.norm(matrix @ start.numpy().astype(np.float32))
     assert run.lengths[0] == 20

@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from linalg_cases import OUTLIERS, SPECTRA, N, dense_case, rotated
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
-from curvop import top_eigenvalues
+from curvop import BlockOperator, ConvergenceWarning, ProductCost, count_products, top_eigenvalues
+from curvop.linalg.eigen import _basis_size
+from curvop.linalg.workspace import Workspace
 
 
 def expected(eigenvalues: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -136,21 +139,14 @@ def test_same_seed_same_result():
 
 # ------------------------------------------------------------------ block width and basis size
 def timed_hessian(seconds_per_column: dict[int, float]):
-    """A curvop Hessian whose measured cost per column is ``seconds_per_column[k]`` once a product
-    of width ``k`` ran (as the operator's own timings would say), logging every product's width."""
+    """The Hessian of the MLP whose measured costs are ``seconds_per_column`` (a column in a block
+    of ``k``: ``seconds_per_column[k]``), logging the width of every product."""
     from linalg_cases import hessian
 
     op = hessian()
-    widths, measured = [], set()
-    block_product = op.block_product  # what the spectral toolkit multiplies with
-
-    def logged(V):
-        widths.append(V.shape[1])
-        measured.add(widths[-1])
-        return block_product(V)
-
-    op.block_product = logged
-    op.column_seconds = lambda k: seconds_per_column.get(k) if k in measured else None
+    widths = []
+    op.product_observers.append(widths.append)
+    op.product_cost = lambda k, memory_bytes=None: ProductCost(k * seconds_per_column[k], 2**20)
     return op, widths
 
 
@@ -164,8 +160,7 @@ def test_blocks_are_kept_where_they_pay():
     widths.clear()
     values = top_eigenvalues(op, 3, seed=0)
     np.testing.assert_allclose(values, truth, rtol=1e-10)
-    assert widths[:2] == [1, 4]  # measured: the first column alone, then the block
-    assert set(widths[2:]) <= {4, 3, 2, 1} and widths[2] == 4  # then blocks
+    assert widths[0] == 4 and set(widths) <= {4, 3, 2, 1}  # blocks (the last may be narrower)
 
 
 def test_a_single_vector_runs_where_blocks_do_not_pay():
@@ -174,22 +169,36 @@ def test_a_single_vector_runs_where_blocks_do_not_pay():
     widths.clear()
     values = top_eigenvalues(op, 3, seed=0)
     np.testing.assert_allclose(values, truth, rtol=1e-10)
-    assert widths[:2] == [1, 4] and set(widths[2:]) == {1}
-    widths.clear()
-    top_eigenvalues(op, 3, seed=1)  # already measured: no second measurement, no block
-    assert set(widths) == {1}
+    assert set(widths) == {1}  # decided from the costs: no product spent on deciding
 
 
 def test_cheap_operators_keep_blocks_so_that_reruns_take_the_same_path():
     op, widths = timed_hessian({1: 0.001, 4: 0.00095})  # 1 ms a column: noise-sized timings
     top_eigenvalues(op, 3, seed=0)
-    assert widths[:3] == [1, 4, 4]
+    assert widths[0] == 4
 
 
 def test_smallest_eigenvalues_keep_blocks_whatever_they_cost():
     op, widths = timed_hessian({1: 1.0, 4: 0.95})
     top_eigenvalues(op, 3, which="SA", seed=0)
     assert widths[0] == 4
+
+
+def test_an_operator_measures_its_costs_once_and_then_always_takes_the_same_path():
+    """The block width follows the operator's measured costs, which are measured on the first
+    call and kept: every later call on the operator takes the same path, without measuring."""
+    from linalg_cases import hessian
+
+    op = hessian()
+    widths = []
+    op.product_observers.append(widths.append)
+    first = top_eigenvalues(op, 3, seed=0)
+    measured = op.kernel_measurements
+    first_widths, widths[:] = widths[:], []
+    second = top_eigenvalues(op, 3, seed=0)
+    assert op.kernel_measurements == measured
+    assert widths == first_widths
+    np.testing.assert_array_equal(first, second)
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
@@ -201,20 +210,126 @@ def test_block_size_can_be_forced(block_size):
     assert max(columns) == block_size
 
 
+class Sized(BlockOperator):
+    """A float32 operator of size ``n`` that is never multiplied: a model's size, for sizing."""
+
+    def __init__(self, n: int):
+        super().__init__(n, torch.float32, torch.device("cpu"))
+
+
 def test_the_basis_is_sized_from_k_when_memory_is_short():
     """memory_gb too small for 120 vectors: the basis falls to what a restart needs."""
     op, A, eigenvalues = dense_case("indefinite")
     values = top_eigenvalues(op, 2, seed=0, memory_gb=1e-6, block_size=1)
     np.testing.assert_allclose(values, expected(eigenvalues, 2, "LA"), atol=1e-10 * 3)
-    from curvop.linalg.eigen import _basis_size
 
-    assert _basis_size(11_000_000, 5, 6, None, 1.0) == 24  # four blocks of k + 1
-    assert _basis_size(11_000_000, 5, 1, None, 1.0) == 20  # ARPACK's floor
-    assert _basis_size(85_000, 5, 6, None, 1.0) == 120
-    assert _basis_size(100, 5, 6, None, 1.0) == 100
+    def basis(n: int, width: int) -> int:
+        return _basis_size(Workspace(Sized(n), 2**30, explicit=True), 5, width, None)[0]
+
+    assert basis(11_000_000, 6) == 24  # four blocks of k + 1: 1 GiB holds 24 float32 vectors
+    assert basis(11_000_000, 1) == 20  # ARPACK's floor
+    assert basis(85_000, 6) == 120
+    assert basis(100, 6) == 100
 
 
 def test_k_equal_to_n_returns_the_whole_spectrum():
     A = np.diag([4.0, 1.0, 3.0, 2.0])
     values = top_eigenvalues(aslinearoperator(A), 4, seed=0)
     np.testing.assert_allclose(values, [4.0, 3.0, 2.0, 1.0], atol=1e-12)
+
+
+# ------------------------------------------------------------------ always k values, bounded runs
+def diagonal(values) -> LinearOperator:
+    return aslinearoperator(np.diag(np.asarray(values, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("block_size", [1, None])
+@pytest.mark.parametrize(
+    ("values", "k", "which", "truth"),
+    [
+        ([3.0, 2.0, 1.0, *[0.0] * 7], 6, "LA", [3.0, 2.0, 1.0, 0.0, 0.0, 0.0]),
+        ([0.0] * 10, 4, "LA", [0.0] * 4),
+        ([1.0, 2.0, *[0.0] * 55], 3, "SA", [0.0, 0.0, 0.0]),
+        ([1.0, 2.0, *[0.0] * 55], 4, "LM", [2.0, 1.0, 0.0, 0.0]),
+    ],
+    ids=["rank-3-LA", "zero-matrix", "zero-cluster-SA", "zero-cluster-LM"],
+)
+def test_rank_deficiency_gives_k_values_with_their_multiplicities(
+    values, k, which, truth, block_size
+):
+    """A single vector's Krylov space becomes invariant after one step per distinct eigenvalue:
+    the run then goes on with a block of k + 1 random columns, so that exact zeros come back
+    with their multiplicity instead of fewer than k values (or a wrong one)."""
+    if block_size == 1 and which == "SA":
+        pytest.skip("SA always uses blocks unless forced; forced below")
+    found, vectors = top_eigenvalues(
+        diagonal(values), k, which=which, return_eigenvectors=True, seed=0, block_size=block_size
+    )
+    np.testing.assert_allclose(found, truth, atol=1e-12)
+    assert vectors.shape == (len(values), k)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=1e-10)
+
+
+def test_a_forced_single_vector_finds_every_copy_of_the_smallest_eigenvalue():
+    values = top_eigenvalues(diagonal([1.0, 2.0, *[0.0] * 55]), 3, which="SA", seed=0, block_size=1)
+    np.testing.assert_allclose(values, [0.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_a_rank_deficient_gauss_newton_gives_all_k_eigenvalues():
+    """A GGN of rank 4 (n = 11) with k = 8: the 4 positive eigenvalues and 4 zeros."""
+    from linalg_cases import rotated
+
+    spectrum = np.array([5.0, 3.0, 2.0, 1.0, *[0.0] * 7])
+    op = aslinearoperator(rotated(spectrum, seed=4))
+    for block_size in (1, 9):
+        values, vectors = top_eigenvalues(
+            op, 8, return_eigenvectors=True, seed=0, block_size=block_size
+        )
+        np.testing.assert_allclose(values, spectrum[:8], atol=1e-12)
+        assert vectors.shape == (11, 8)
+
+
+def test_the_default_tolerance_follows_the_operators_stated_accuracy():
+    """A float64 finite-difference Hessian is accurate to 1e-5: the default tol is no finer, so
+    the run ends after a few dozen products (it ran to maxiter at 100 eps)."""
+    from linalg_cases import mlp_problem
+
+    import curvop
+
+    model, loss_fn, data = mlp_problem(samples=20)
+    fd = curvop.FiniteDifferenceHessianOperator(model, loss_fn, data)
+    exact = curvop.HessianOperator(model, loss_fn, data)
+    with curvop.count_products(fd) as count:
+        values = top_eigenvalues(fd, 3, seed=0)
+    assert count.columns < 300
+    truth = top_eigenvalues(exact, 3, seed=0)
+    np.testing.assert_allclose(values, truth, atol=1e-4 * abs(truth[0]))
+    with pytest.raises(
+        ValueError, match=r"tol=1e-08 is below the operator's stated accuracy 1e-05"
+    ):
+        top_eigenvalues(fd, 3, seed=0, tol=1e-8)
+
+
+def test_a_singular_graded_bottom_ends_in_bounded_time():
+    """A transformer GGN's bottom: 464 exact zeros next to positive eigenvalues down to 5e-8 of
+    the norm (n = 835). The wanted end is a degenerate cluster the restarts cannot resolve with a
+    small basis; the basis grows until it converges (n vectors at most), so the run ends."""
+    from linalg_cases import rotated
+
+    rng = np.random.default_rng(0)
+    positive = np.geomspace(5e-8, 1.0, 835 - 464) * rng.uniform(0.5, 1.5, 835 - 464)
+    spectrum = np.concatenate([np.zeros(464), positive])
+    op = aslinearoperator(rotated(spectrum, seed=1))
+    with count_products(op) as count:
+        values = top_eigenvalues(op, 3, which="SA", seed=0)
+    np.testing.assert_allclose(values, 0.0, atol=1e-10)
+    assert count.columns <= 4 * 835  # about the whole space, not 10 n block products
+
+
+def test_a_run_that_cannot_converge_warns_and_says_how_accurate_it_is():
+    """A basis that cannot grow (ncv given) and maxiter reached: a ConvergenceWarning with the
+    accuracy reached, and the k best estimates."""
+    op, A, eigenvalues = dense_case("decaying")
+    with pytest.warns(ConvergenceWarning, match=r"converged to tol=1e-14.*within .* \* \|\|A\|\|"):
+        values = top_eigenvalues(op, 4, which="SA", seed=0, ncv=20, maxiter=30, tol=1e-14)
+    assert values.shape == (4,) and np.all(np.isfinite(values))

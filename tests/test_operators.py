@@ -16,12 +16,14 @@ from conftest import (
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
 from torch import nn
 
+import curvop
 from curvop import (
     FiniteDifferenceHessianOperator,
     GaussNewtonOperator,
     HessianOperator,
     ParamLayout,
 )
+from curvop.operators.kernels import CALIBRATION_WIDTH
 
 OPERATORS = {
     "hessian": (HessianOperator, dense_hessian, 1e-10),
@@ -108,6 +110,8 @@ def test_apply_one_vector_returns_vector():
 
 
 def test_block_is_multiplied_in_one_pass_over_the_data():
+    """After the operator measured its kernels (on the first product, on the first batch only),
+    a block of k columns is one pass: one forward per batch."""
     case = make_case("mlp", "mse", "mean", (4, 4, 3))
     calls = []
     handle = case.model.register_forward_hook(lambda *_: calls.append(1))
@@ -115,19 +119,24 @@ def test_block_is_multiplied_in_one_pass_over_the_data():
         for kind in OPERATORS:
             op = build(kind, case, "batched")
             assert not calls, "constructing an operator must not evaluate the model"
-            op.apply(torch.randn(op.shape[0], 5, dtype=torch.float64))
+            V = torch.randn(op.shape[0], 5, dtype=torch.float64)
+            op.apply(V)
+            calls.clear()
+            with curvop.count_products(op) as count:
+                op.apply(V)
             per_batch = {"hessian": 1, "ggn": 1, "fd": 2 * 5 + 1}[kind]  # fd: 2k + 1 gradients
             assert len(calls) == 3 * per_batch, kind
+            assert (count.calls, count.columns) == (1, 5)
             calls.clear()
     finally:
         handle.remove()
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_auto_kernel_times_the_candidates_on_the_first_batch_only(kind: str):
-    """The first product of a width runs every candidate on batch 0 (twice each when they are
-    cheap: the first runs pay one-time costs) and keeps the fastest; later products run it
-    alone."""
+def test_auto_measures_every_candidate_once_on_the_first_batch(kind: str):
+    """The first product measures each candidate with one column and with CALIBRATION_WIDTH
+    columns on batch 0 (time and peak bytes); every later product, of any width, chooses from
+    those figures without running anything more, and the kernels agree to rounding."""
     case = make_case("mlp", "ce", "mean", (4, 4, 3))
     calls = []
     handle = case.model.register_forward_hook(lambda *_: calls.append(1))
@@ -135,22 +144,37 @@ def test_auto_kernel_times_the_candidates_on_the_first_batch_only(kind: str):
         op = build(kind, case)
         V = torch.randn(op.shape[0], 5, dtype=torch.float64)
         first = op.apply(V)
-        forward_passes = {"hessian": 1, "ggn": 2}[kind]  # the GGN's forward kernel runs two
+        measured = op.kernel_measurements
+        assert measured.pop("failures") == {}
+        assert {name: set(widths) for name, widths in measured.items()} == {
+            name: {1, CALIBRATION_WIDTH} for name in KERNELS
+        }
+        assert all(m.seconds > 0 and m.bytes > 0 for w in measured.values() for m in w.values())
         selection = op.kernel_selections[5]
-        passes = {"batched": 1, "looped": 1, "forward": forward_passes}
-        assert selection.runs == {name: 2 for name in KERNELS}  # a tiny model: two rounds
-        assert len(calls) == sum(passes[n] * r for n, r in selection.runs.items()) + 2
-        assert selection.kernel in KERNELS and set(selection.seconds) == set(KERNELS)
-        assert op.column_seconds(5) == selection.seconds[selection.kernel] / 5
-        assert op.column_seconds(1) is None
+        assert selection.kernel in KERNELS and 1 <= selection.chunk <= 5
         calls.clear()
-        second = op.apply(V)
-        assert len(calls) == 3 * (forward_passes if selection.kernel == "forward" else 1)
-        torch.testing.assert_close(first, second, rtol=1e-12, atol=1e-14)
-        op.apply(V[:, 0])  # width 1: no "looped" candidate
-        assert set(op.kernel_selections[1].seconds) == {"batched", "forward"}
+        for width in (5, 1, 3, 7):
+            op.apply(V[:, :width] if width <= 5 else torch.randn(op.shape[0], width).double())
+        assert op.kernel_measurements == {**measured, "failures": {}}
+        forward_passes = {"hessian": 1, "ggn": 2}[kind]  # the GGN's forward kernel runs two
+        most = 4 * 3 * forward_passes * 2  # at most two passes (chunks) per product
+        assert len(calls) <= most
+        torch.testing.assert_close(first, op.apply(V), rtol=1e-12, atol=1e-14)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_kernel_gives_the_same_block_product_at_every_chunk_width(kernel):
+    """The memory limit decides the columns per pass; every width gives the same product."""
+    case = make_case("mlp", "ce", "mean", (4, 4, 3))
+    op = build("hessian", case, kernel)
+    V = torch.randn(op.shape[0], 6, dtype=torch.float64)
+    whole = op.block_product(V, memory_bytes=2**40)
+    one_at_a_time = op.block_product(V, memory_bytes=0)
+    assert op.kernel_selections[6].chunk == 1
+    torch.testing.assert_close(whole, one_at_a_time, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(whole, dense_hessian(case) @ V, rtol=1e-10, atol=1e-12)
 
 
 def test_a_forced_kernel_is_used_alone_and_an_unknown_one_is_refused():
@@ -158,7 +182,7 @@ def test_a_forced_kernel_is_used_alone_and_an_unknown_one_is_refused():
     op = build("hessian", case, "looped")
     op.apply(torch.randn(op.shape[0], 3, dtype=torch.float64))
     assert op.kernel_selections[3].kernel == "looped"
-    assert set(op.kernel_selections[3].seconds) == {"looped"}
+    assert set(op.kernel_measurements) == {"looped", "failures"}
     with pytest.raises(
         ValueError, match=r"kernel must be one of \('auto', 'batched', 'looped', 'forward'\)"
     ):
@@ -167,7 +191,7 @@ def test_a_forced_kernel_is_used_alone_and_an_unknown_one_is_refused():
         lambda: case.model[0].weight.square().sum(), list(case.model.parameters())
     )
     closure.apply(torch.randn(closure.shape[0], 2, dtype=torch.float64))
-    assert set(closure.kernel_selections[2].seconds) == {"batched", "looped"}
+    assert set(closure.kernel_measurements) == {"batched", "looped", "failures"}
 
 
 class Cube(torch.autograd.Function):
@@ -203,8 +227,8 @@ def test_auto_falls_back_when_torch_func_cannot_trace_the_model(cls):
     op = cls(CustomOpModel(), nn.MSELoss(), (x, y))
     V = torch.randn(op.shape[0], 4, dtype=torch.float64)
     product = op.apply(V)
-    selection = op.kernel_selections[4]
-    assert "forward" in selection.failures and selection.kernel in ("batched", "looped")
+    assert "forward" in op.kernel_measurements["failures"]
+    assert op.kernel_selections[4].kernel in ("batched", "looped")
     forced = cls(CustomOpModel(), nn.MSELoss(), (x, y), kernel="forward")
     with pytest.raises(RuntimeError):
         forced.apply(V)

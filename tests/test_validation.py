@@ -96,7 +96,9 @@ def test_apply_rejects_another_device_without_copying():
 
 
 def test_apply_rejects_numpy():
-    with pytest.raises(TypeError, match="V must be a torch tensor, got ndarray"):
+    with pytest.raises(
+        TypeError, match=r"V must be a torch tensor, got a numpy array: for numpy use A @ x"
+    ):
         operator().apply(np.zeros(N))
 
 
@@ -106,7 +108,7 @@ def test_complex_vectors_are_rejected_everywhere():
         op.apply(torch.zeros(N, dtype=torch.complex128))
     with pytest.raises(TypeError, match="x must be real, got complex"):
         op.matvec(np.zeros(N, dtype=complex))
-    with pytest.raises(TypeError, match="x must be real, got complex"):
+    with pytest.raises(TypeError, match="X must be real, got complex"):
         op @ np.zeros((N, 2), dtype=complex)
     func, params = closure()
     with pytest.raises(TypeError, match="v must be real, got complex"):
