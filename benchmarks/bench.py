@@ -51,7 +51,7 @@ import curvop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # sibling modules of this script
-import checks  # noqa: E402
+import agreement  # noqa: E402
 import memory  # noqa: E402
 import peers  # noqa: E402
 from harness import (  # noqa: E402
@@ -938,10 +938,10 @@ BENCHES: dict[str, Callable[[Config, Targets], str]] = {
     "eigen": bench_eigen,
     "slq": bench_slq,
     "memory": bench_memory,
-    "outputs": lambda config, _: checks.bench_outputs(config),
-    "passes": lambda config, _: checks.bench_passes(config),
-    "peers": lambda config, _: checks.bench_peers(config),
-    "accuracy": lambda config, _: checks.bench_accuracy(config),
+    "outputs": lambda config, _: agreement.bench_outputs(config),
+    "passes": lambda config, _: agreement.bench_passes(config),
+    "peers": lambda config, _: agreement.bench_peers(config),
+    "accuracy": lambda config, _: agreement.bench_accuracy(config),
 }
 
 
