@@ -6,9 +6,9 @@ with ``SPEC`` a JSON object (see :class:`Spec`); the child prints one JSON line 
 ``error`` entry, so that one failure costs one figure, not the run.
 
 The child builds the problem (imports, model and data: its ``baseline``), builds the operator,
-warms it up (:func:`warm_up`) or only pays the process' one-time costs (:func:`prime`), times a gradient, the call and another gradient (so
-that the call can also be expressed in gradients of the same process; clocks read after the
-device's queued work has finished), and measures the call's peak memory with ``peaks.py``: on
+warms it up (:func:`warm_up`) or only pays the process' one-time costs (:func:`prime`), times a
+gradient, the call and another gradient (so that the call can also be expressed in gradients of
+the same process; clocks read after the device's queued work has finished), and measures the call's peak memory with ``peaks.py``: on
 CUDA ``torch.cuda.max_memory_allocated`` after ``torch.cuda.reset_peak_memory_stats``, on the
 CPU the resident set's high-water mark reset right before the call (or, where the reset is
 refused, since the process started: this is why every call gets a fresh process). The report
@@ -28,7 +28,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+import models
+import numpy as np
+import peers
+import torch
+from harness import OPERATORS, ForwardCounter, elapsed, error_line, make_operator, now
+from peaks import held_mib, measured_peak
+from scipy.sparse.linalg import eigsh
+from torch import nn
+
+import curvop
+
 MODULES = {
     "curvop": "curvop",
     "curvlinops": "curvlinops",
@@ -111,8 +121,6 @@ def warm_up(operator: Any, call: Callable[[], Any]) -> None:
     of each width is where ``kernel="auto"`` chooses its kernel, so the timed call no longer
     pays for those choices (except at widths that first appear later, such as a shorter last
     chunk of probes). Uses only ``curvop.count_products``; a call that ends first ran whole."""
-    import curvop
-
     seen: set[int] = set()
 
     def stop_at_repeat(columns: int) -> None:
@@ -129,10 +137,6 @@ def warm_up(operator: Any, call: Callable[[], Any]) -> None:
 
 def _curvop(problem: Any, spec: Spec) -> Prepared:
     """curvop's operator of ``spec.kind``: one product, ARPACK on it, or one of its algorithms."""
-    from harness import make_operator
-
-    import curvop
-
     operator = make_operator(problem, spec.kind)
     if spec.call == "apply":
         V = problem.vectors(spec.options.get("columns", 1), spec.seed)
@@ -149,11 +153,6 @@ def _curvop(problem: Any, spec: Spec) -> Prepared:
 def _eigsh(scipy_operator: Any, problem: Any, spec: Spec, product: Callable) -> Prepared:
     """ARPACK's ``eigsh`` for the ``k`` largest eigenvalues at ``tol``, from a seeded start;
     ``product`` (a torch product of one vector) is the warm-up."""
-    import numpy as np
-    from scipy.sparse.linalg import eigsh
-
-    import curvop
-
     k, tol = spec.options.get("k", 1), spec.options.get("tol", 0.0)
     generator = np.random.default_rng(spec.seed)
     v0 = generator.standard_normal(scipy_operator.shape[0]).astype(scipy_operator.dtype)
@@ -170,10 +169,6 @@ def _forward_products(problem: Any) -> Iterator[Any]:
     """hessian-eigenthings' own operator is no SciPy operator, so ``curvop.count_products``
     cannot count it: its products are counted as model forwards over batches (its ``matvec``
     evaluates the model once per batch), single columns each. Filled in on exit."""
-    from harness import ForwardCounter
-
-    import curvop
-
     count = curvop.ProductCount()
     with ForwardCounter(problem.model) as forwards:
         yield count
@@ -182,8 +177,6 @@ def _forward_products(problem: Any) -> Iterator[Any]:
 
 def _peer(library: str, problem: Any, spec: Spec) -> Prepared:
     """A peer's operator: ``eigsh`` on its SciPy face, or hessian-eigenthings' own SLQ."""
-    import peers
-
     peer = peers.build_peer(library, spec.kind, problem.model, problem.loss_fn, problem.batches)
     if peer is None:
         raise ValueError(f"{library} has no {spec.kind} operator")
@@ -196,8 +189,7 @@ def _peer(library: str, problem: Any, spec: Spec) -> Prepared:
 
 def _eigenthings_slq(peer: Any, problem: Any, spec: Spec) -> Prepared:
     """hessian-eigenthings' own SLQ (``spectral_density``) on its Hessian operator."""
-    import hessian_eigenthings as he
-    import peers
+    import hessian_eigenthings as he  # an optional peer: imported where it is asked for
 
     options = spec.options
 
@@ -214,9 +206,8 @@ def _eigenthings_slq(peer: Any, problem: Any, spec: Spec) -> Prepared:
     return Prepared(call, lambda: _forward_products(problem), lambda: peer.matvec(vector))
 
 
-def _gradient(problem: Any, spec: Spec) -> Prepared:
+def _gradient(problem: Any) -> Prepared:
     """The loss' gradient over all batches (no products to count)."""
-    import curvop
 
     @contextmanager
     def nothing() -> Iterator[Any]:
@@ -230,10 +221,6 @@ def prime(device: str) -> None:
     first product of each kernel) on a tiny model of its own, so that a call measured without a
     warm-up is not charged for them: a block product of two columns by the Hessian and the GGN
     runs every candidate kernel."""
-    import torch
-    from harness import OPERATORS
-    from torch import nn
-
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)).to(device)
     batch = (torch.ones(2, 2, device=device), torch.tensor([0, 1], device=device))
     for kind in ("hessian", "ggn"):
@@ -246,7 +233,7 @@ def prepare(problem: Any, spec: Spec) -> Prepared:
     if spec.call not in CALLS:
         raise ValueError(f"call must be one of {CALLS}, got {spec.call!r}")
     if spec.call == "gradient":
-        return _gradient(problem, spec)
+        return _gradient(problem)
     if spec.library == "curvop":
         return _curvop(problem, spec)
     return _peer(spec.library, problem, spec)
@@ -254,9 +241,6 @@ def prepare(problem: Any, spec: Spec) -> Prepared:
 
 def _summary(result: Any) -> dict[str, Any]:
     """A few numbers of a result, to check that the calls did the same thing."""
-    import numpy as np
-    import torch
-
     if hasattr(result, "std_error"):
         return {"trace": float(result.value), "std_error": float(result.std_error)}
     nodes = getattr(result, "nodes", getattr(result, "raw_eigenvalues", None))
@@ -271,13 +255,6 @@ def _summary(result: Any) -> dict[str, Any]:
 
 def measure(spec: Spec) -> dict[str, Any]:
     """Build the problem, warm up, time a gradient, the call and a gradient; report."""
-    import torch
-
-    sys.path.insert(0, str(HERE))
-    import models
-    from harness import elapsed, error_line, now
-    from peaks import held_mib, measured_peak
-
     torch.set_num_threads(spec.threads)
     importlib.import_module(MODULES[spec.library])  # its imports (scipy, ...) in the baseline
     problem = models.build(spec.model, spec.seed, spec.scale, spec.device)

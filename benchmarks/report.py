@@ -85,7 +85,7 @@ def facts(
         f"- command: `{shown}`\n"
         f"- commit measured: `{revision()}`; run {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
         f"- device: {device_name(device)}\n"
-        f"- torch {torch.__version__} ({torch.get_num_threads()} threads); numpy "
+        f"- torch {torch.__version__} (threads: {torch.get_num_threads()}); numpy "
         f"{np.__version__}, scipy {scipy.__version__}; Python {platform.python_version()}\n"
         f"- peers: {', '.join(peers) or 'none'}\n"
         f"- sections in this report: {held}{left_out}\n"
