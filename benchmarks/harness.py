@@ -1,18 +1,22 @@
 """What every benchmark section shares: the run's settings, interleaved timing in units of one
-gradient, counters of passes and products, markdown, and the list of targets checked."""
+gradient (clocks read after the device's queued work has finished), a counter of model forwards,
+markdown, and the list of targets checked. Products are counted by ``curvop.count_products``."""
 
 from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import peers
 import torch
+from models import Problem, build
+from peaks import Peak, measured_peak
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
@@ -36,12 +40,13 @@ SLOW_TASK = 0.1  # seconds: a warm-up call this long is timed once per repeat, u
 class Config:
     """Sizes and switches of one benchmark run (see ``bench.py --help``)."""
 
-    quick: bool
+    scale: str  # of the data and models, one of models.SCALES
+    device: str  # where models, data and vectors live: "cpu" or "cuda" (or "cuda:1", ...)
     repeats: int  # per figure of the product sections
     long_repeats: int  # per figure of eigensolvers and SLQ (calls of seconds to minutes)
     models: tuple[str, ...]  # keys of models.MODELS for sections 1, 2 and 4
     solver_models: tuple[str, ...]  # the same for section 3
-    memory_model: str | None  # the model of section 5 (ResNet-18), None to skip it
+    memory_models: tuple[str, ...]  # the same for section 5
     sections: tuple[str, ...]
     blocks: tuple[int, ...]  # block widths k of section 2
     forced_blocks: tuple[int, ...]  # block widths at which every forced kernel is timed too
@@ -55,6 +60,25 @@ class Config:
     seed: int
     timeout: float  # seconds, per child process of sections 4 and 5
     threads: int  # torch threads, here and in the child processes
+
+    @property
+    def quick(self) -> bool:
+        return self.scale == "quick"
+
+
+def problem_of(name: str, config: Config) -> Problem:
+    """The problem ``name`` (a key of ``models.MODELS``) at the run's scale, seed and device."""
+    return build(name, config.seed, config.scale, config.device)
+
+
+def peer_libraries(config: Config) -> list[str]:
+    """The peers this run compares with: those that import, unless ``--no-peers``."""
+    return peers.available_peers() if config.peers else []
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the report is stdout), as an HTML comment."""
+    print(f"<!-- {message} -->", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- operators
@@ -99,38 +123,69 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def now() -> float:
+    """A wall-clock reading (seconds) after all work queued on CUDA devices has finished (CPU
+    work is synchronous): CUDA kernels run asynchronously, so a clock read without waiting
+    would time their launch, not their work."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def elapsed(task: Task, number: int = 1) -> float:
     """Seconds per call of ``task``, over ``number`` back-to-back calls."""
-    start = time.perf_counter()
+    start = now()
     for _ in range(number):
         task()
-    return (time.perf_counter() - start) / number
+    return (now() - start) / number
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:160]}"
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """Tasks after their warm-up call: those that ran (and how long the call took), and the
-    errors of those that raised."""
+    """Tasks after their warm-up call: those that ran (how long the call took, and the peak
+    memory of a second call where asked), and the errors of those that raised."""
 
     tasks: dict[Hashable, Task]
     seconds: dict[Hashable, float]
     errors: dict[Hashable, str]
+    peaks: dict[Hashable, Peak] = field(default_factory=dict)
 
 
-def prepare(tasks: dict[Hashable, Task]) -> Prepared:
+def prepare(tasks: dict[Hashable, Task], device: str | None = None) -> Prepared:
     """Call every task once: the warm-up (``kernel="auto"`` chooses on its first product of
-    each width), which also tells which tasks fail (a model a kernel cannot handle: reported,
-    not fatal)."""
-    working, seconds, errors = {}, {}, {}
+    each width), which also tells which tasks fail (a model a kernel cannot handle, or memory
+    running out: reported, not fatal). With a ``device``, a second call per task measures its
+    peak memory there (see ``peaks.py``)."""
+    working, seconds, errors, peaks = {}, {}, {}, {}
     for name, task in tasks.items():
-        start = time.perf_counter()
+        start = now()
         try:
             task()
+            seconds[name] = now() - start
+            if device is not None:
+                with measured_peak(device) as peaks[name]:
+                    task()
         except Exception as error:
-            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            errors[name] = error_line(error)
+            seconds.pop(name, None)
+            peaks.pop(name, None)
+            _release_cuda_cache(device)
         else:
-            working[name], seconds[name] = task, time.perf_counter() - start
-    return Prepared(working, seconds, errors)
+            working[name] = task
+    return Prepared(working, seconds, errors, peaks)
+
+
+def _release_cuda_cache(device: str | None) -> None:
+    """After a failure (memory running out, typically), give the allocator's cache back so that
+    the next task starts from what is really held."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def calibrate(task: Task, first: float | None = None) -> int:
@@ -208,54 +263,6 @@ class ForwardCounter:
         self._handle.remove()
 
 
-@contextmanager
-def counted_matvecs(operator: LinearOperator) -> Iterator[list[int]]:
-    """Count the products SciPy asks of ``operator`` (``matvec`` and ``matmat`` columns)."""
-    calls = [0]
-    matvec, matmat = operator.matvec, operator.matmat
-
-    def counting_matvec(x: np.ndarray) -> np.ndarray:
-        calls[0] += 1
-        return matvec(x)
-
-    def counting_matmat(X: np.ndarray) -> np.ndarray:
-        calls[0] += X.shape[1]
-        return matmat(X)
-
-    operator.matvec, operator.matmat = counting_matvec, counting_matmat
-    try:
-        yield calls
-    finally:
-        del operator.matvec, operator.matmat
-
-
-@dataclass
-class ProductCount:
-    """Calls of a curvop operator's ``apply`` (passes over the data) and the columns they had."""
-
-    passes: int = 0
-    columns: int = 0
-
-
-@contextmanager
-def counted_products(operator: nn.Module | LinearOperator) -> Iterator[ProductCount]:
-    """Count what ``operator.block_product`` multiplies: curvop's algorithms, its ``apply`` and
-    SciPy's ``matvec`` / ``matmat`` on a curvop operator all go through it (shadowed by an
-    instance attribute)."""
-    count, block_product = ProductCount(), operator.block_product
-
-    def counting_block_product(V: torch.Tensor) -> torch.Tensor:
-        count.passes += 1
-        count.columns += V.shape[1]
-        return block_product(V)
-
-    operator.block_product = counting_block_product
-    try:
-        yield count
-    finally:
-        del operator.block_product
-
-
 def top_eigenvalue(operator: LinearOperator, tol: float, seed: int) -> float:
     """The largest algebraic eigenvalue by ARPACK, from a fixed start vector."""
     v0 = np.random.default_rng(seed).standard_normal(operator.shape[0]).astype(operator.dtype)
@@ -264,7 +271,7 @@ def top_eigenvalue(operator: LinearOperator, tol: float, seed: int) -> float:
 
 def relative_difference(a: torch.Tensor, reference: torch.Tensor) -> float:
     """``max|a - reference| / max|reference|``, in float64."""
-    a, reference = a.double(), reference.double()
+    a, reference = a.detach().double().cpu(), reference.detach().double().cpu()
     return float((a - reference).abs().max() / reference.abs().max())
 
 

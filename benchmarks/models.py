@@ -1,29 +1,44 @@
-"""The benchmark's models and their fixed data, for ``bench.py`` and ``memory.py``.
+"""The benchmark's models and their fixed data, for ``bench.py``, ``memory.py`` and ``gpu_suite.py``.
 
-Every problem is a model, a loss and a fixed list of batches, built from a seed, so that a fresh
-process (the memory measurements run in one per call) builds bitwise the same problem:
+Every problem is a model, a loss and a fixed list of batches, built from a seed (on the CPU, then
+moved to the device), so that a fresh process (the memory measurements run in one per call)
+builds bitwise the same problem:
 
 - ``mlp``: a tanh MLP 784-256-256-10, 4 batches of 128, cross-entropy;
 - ``cnn``: a tanh CNN on 1x16x16 images (two strided convolutions and a linear layer), 2 x 64;
+- ``convnet``: a plain ReLU conv net on 3x32x32 images (three 3x3 convolutions with 32, 64 and
+  64 channels, each followed by 2x2 max-pooling, then Linear 1024-112-10), 172,250 parameters,
+  2 x 128 images: activations, not parameters, dominate its memory (the memory section's
+  stand-in for a network whose autograd graph is what a budget must bound);
 - ``resnet20``: the CIFAR ResNet-20 of He et al. (three stages of three basic blocks, 16/32/64
   channels, 1x1 convolutions on the shortcuts that change shape), 3x32x32 inputs, 272,474
   parameters, BatchNorm in **eval** mode (running statistics and affine weights randomized
   away from 0/1, as after training), 2 x 8 images;
 - ``resnet18``: ResNet-18 in its CIFAR form (a 3x3 stem without max-pooling, four stages of two
-  basic blocks, 64-512 channels), 11,173,962 parameters, BatchNorm in eval mode, 2 x 4 images;
+  basic blocks, 64-512 channels), 11,173,962 parameters, BatchNorm in eval mode, 2 x 4 images
+  on the CPU, 2 x 128 at the ``gpu`` scale;
 - ``gpt``: a decoder-only transformer (pre-LayerNorm, learned positions, causal attention by
   ``F.scaled_dot_product_attention``, GELU MLP, output head tied to the token embedding): vocab
-  2048, d_model 256, 4 layers, 4 heads, context 64, 3,700,224 parameters, 2 x 2 sequences.
-  Its loss is the token cross-entropy: the model returns the logits of every position as a
-  ``(batch * context, vocab)`` matrix and the targets are the next tokens, flattened alike,
-  so all three libraries see a plain ``nn.CrossEntropyLoss`` (and a batch's sample count is
-  its number of tokens).
+  2048, d_model 256, 4 layers, 4 heads, context 64, 3,700,224 parameters, 2 x 2 sequences;
+- ``gpt30m``: the same transformer at vocab 8192, d_model 512, 8 layers, 8 heads, context 256:
+  29,545,472 parameters, 2 x 8 sequences of 256 tokens (a GPU problem);
+- ``gpt124m``: GPT-2-small-sized: vocab 50257, d_model 768, 12 layers, 12 heads, context 512:
+  124,046,592 parameters, 2 x 4 sequences of 512 tokens (a GPU problem).
+
+The GPTs' loss is the token cross-entropy: the model returns the logits of every position as a
+``(batch * context, vocab)`` matrix and the targets are the next tokens, flattened alike, so all
+three libraries see a plain ``nn.CrossEntropyLoss`` (and a batch's sample count is its number of
+tokens).
 
 The data is random (Gaussian images, uniform tokens and labels): a curvature product costs the
-same whatever the values, and no download is needed. The ResNets and the GPT get little data
-(a gradient takes 0.1-0.2 s on one CPU thread), so that the full benchmark, which multiplies
-each of them a few thousand times, ends within hours. ``quick=True`` gives smaller data (and the
-same models), for ``bench.py --quick``.
+same whatever the values, and no download is needed. Every builder takes a ``scale``
+(:data:`SCALES`): ``full`` is the CPU benchmark's data (the ResNets and the GPT get little of it,
+a gradient takes 0.1-0.2 s on one CPU thread, so that the full benchmark, which multiplies each
+of them a few thousand times, ends within hours); ``quick`` smaller data and the same models,
+for ``bench.py --quick``; ``gpu`` the data of a GPU run (larger where the CPU's is too small to
+keep a GPU busy); ``tiny`` the ResNets, the conv net and the GPTs shrunk to a few ten
+thousand parameters (the MLP and the CNN keep their quick sizes), which exercise the same code
+in seconds on a CPU (``gpu_suite.py --tiny``).
 """
 
 from __future__ import annotations
@@ -37,9 +52,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP_SIZES", "MODELS", "Batches", "Problem", "build", "mlp_data_problem", "split"]
+__all__ = [
+    "GPU_MODELS",
+    "MLP_SIZES",
+    "MODELS",
+    "SCALES",
+    "Batches",
+    "Problem",
+    "build",
+    "mlp_data_problem",
+    "mlp_variant",
+    "moved",
+    "split",
+]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+SCALES = ("tiny", "quick", "full", "gpu")
+
+
+def sized(scale: str, full: object, **others: object) -> object:
+    """A size at ``scale``: ``others[scale]`` where given, else ``full`` (``tiny`` falls back to
+    ``quick`` first, the smaller of the two)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale in others:
+        return others[scale]
+    return others.get("quick", full) if scale == "tiny" else full
 
 
 # ----------------------------------------------------------------------------- problems
@@ -65,6 +103,10 @@ class Problem:
         return self.params[0].dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
     def num_samples(self) -> int:
         return sum(int(x.shape[0]) for x, _ in self.batches)
 
@@ -79,20 +121,23 @@ class Problem:
             return f"{len(head)} × {head[0]} + {sizes[-1]}"
         return " + ".join(map(str, sizes))
 
-    def to(self, dtype: torch.dtype) -> Problem:
-        """The same weights and data in ``dtype`` (a copy; the original is untouched)."""
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Problem:
+        """The same weights and data in ``dtype`` and on ``device`` (a copy; the original is
+        untouched). Integer data (labels, tokens) keeps its dtype."""
 
         def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype) if t.is_floating_point() else t
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        model = copy.deepcopy(self.model).to(dtype)
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         batches = [(cast(x), cast(y)) for x, y in self.batches]
         return replace(self, model=model, batches=batches)
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the mean loss over all batches, as a user would write it."""
         params, total = self.params, self.num_samples
-        flat = torch.zeros(self.size, dtype=self.dtype)
+        flat = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for x, y in self.batches:
             loss = self.loss_fn(self.model(x), y) * (x.shape[0] / total)
             grads = torch.autograd.grad(loss, params)
@@ -100,9 +145,11 @@ class Problem:
         return flat
 
     def vectors(self, k: int, seed: int) -> torch.Tensor:
-        """A fixed ``(n, k)`` block of standard normal columns."""
+        """A fixed ``(n, k)`` block of standard normal columns on the problem's device (drawn on
+        the CPU: the same on every device)."""
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(self.size, k, generator=generator, dtype=self.dtype)
+        block = torch.randn(self.size, k, generator=generator, dtype=self.dtype)
+        return block.to(self.device)
 
 
 def split(x: torch.Tensor, y: torch.Tensor, batches: int) -> Batches:
@@ -119,7 +166,15 @@ def _images(
     return x, torch.randint(0, classes, (samples,), generator=generator)
 
 
-# ----------------------------------------------------------------------------- MLP and CNN
+def _image_problem(
+    name: str, model: nn.Module, shape: tuple[int, ...], batches: int, size: int, seed: int
+) -> Problem:
+    """``model`` on ``batches`` x ``size`` random images of ``shape``, 10 classes, cross-entropy."""
+    x, y = _images(batches * size, shape, 10, seed)
+    return Problem(name, model, nn.CrossEntropyLoss(), split(x, y, batches))
+
+
+# ----------------------------------------------------------------------------- MLP and CNNs
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
     """Linear layers of ``sizes`` with ``activation`` between them (none after the last)."""
     layers: list[nn.Module] = []
@@ -157,14 +212,31 @@ def mlp_data_problem(
 MLP_SIZES = [784, 256, 256, 10]
 
 
-def mlp_problem(seed: int, quick: bool) -> Problem:
+def _mlp_batches(scale: str) -> tuple[int, int]:
+    """The MLP's batches and batch size: 4 of 128 (quick: 2 of 64)."""
+    return sized(scale, (4, 128), quick=(2, 64))
+
+
+def mlp_problem(seed: int, scale: str) -> Problem:
     """MLP 784-256-256-10 (tanh), cross-entropy, 4 batches of 128 (quick: 2 of 64), float32."""
-    batches, batch_size = (2, 64) if quick else (4, 128)
+    batches, batch_size = _mlp_batches(scale)
     return mlp_data_problem(MLP_SIZES, batches * batch_size, batch_size, seed)
 
 
-def cnn_problem(seed: int, quick: bool) -> Problem:
-    """Two strided tanh convolutions and a linear layer on 1x16x16 images, 2 batches of 64."""
+def mlp_variant(seed: int, scale: str, device: str = "cpu", **options: object) -> Problem:
+    """The benchmark's MLP with other outputs, loss, samples or batches (the same weights'
+    seed): ``outputs``, ``loss`` (``"ce"`` or ``"mse"``), ``samples``, ``batch_size``,
+    ``sizes``; on ``device``."""
+    batches, batch_size = _mlp_batches(scale)
+    sizes = options.pop("sizes", [*MLP_SIZES[:-1], options.pop("outputs", MLP_SIZES[-1])])
+    samples = options.pop("samples", batches * batch_size)
+    batch_size = options.pop("batch_size", batch_size)
+    return moved(mlp_data_problem(sizes, samples, batch_size, seed, **options), device)
+
+
+def cnn_problem(seed: int, scale: str) -> Problem:
+    """Two strided tanh convolutions and a linear layer on 1x16x16 images, 2 batches of 64
+    (quick: 2 of 32)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, stride=2, padding=1),
@@ -174,9 +246,31 @@ def cnn_problem(seed: int, quick: bool) -> Problem:
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     )
-    batches, batch_size = (2, 32) if quick else (2, 64)
-    x, y = _images(batches * batch_size, (1, 16, 16), 10, seed)
-    return Problem("CNN 1x16x16 c16-c32", model, nn.CrossEntropyLoss(), split(x, y, batches))
+    size = sized(scale, 64, quick=32)
+    return _image_problem("CNN 1x16x16 c16-c32", model, (1, 16, 16), 2, size, seed)
+
+
+def convnet(channels: list[int], hidden: int) -> nn.Sequential:
+    """3x3 convolutions (padding 1) of ``channels``, each with ReLU and 2x2 max-pooling, on
+    3x32x32 inputs; then Linear(flattened, ``hidden``), ReLU, Linear(``hidden``, 10)."""
+    layers: list[nn.Module] = []
+    for a, b in zip([3, *channels[:-1]], channels, strict=True):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    side = 32 // 2 ** len(channels)
+    flat = channels[-1] * side * side
+    return nn.Sequential(
+        *layers, nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
+
+
+def convnet_problem(seed: int, scale: str) -> Problem:
+    """The plain ReLU conv net (32/64/64 channels, hidden 112; tiny: 4/8/8, hidden 16) on
+    3x32x32 images, 2 batches of 128 (quick: 2 of 32, tiny: 2 of 8)."""
+    torch.manual_seed(seed)
+    channels, hidden = sized(scale, ([32, 64, 64], 112), tiny=([4, 8, 8], 16))
+    size = sized(scale, 128, quick=32, tiny=8)
+    name = f"ConvNet 3x32x32 c{'-c'.join(map(str, channels))} fc{hidden}"
+    return _image_problem(name, convnet(channels, hidden), (3, 32, 32), 2, size, seed)
 
 
 # ----------------------------------------------------------------------------- ResNets
@@ -245,20 +339,29 @@ def resnet_problem(
     torch.manual_seed(seed)
     model = ResNet(widths, blocks)
     _randomize_batchnorm(model, torch.Generator().manual_seed(seed + 2))
-    x, y = _images(batches * batch_size, (3, 32, 32), 10, seed)
-    return Problem(name, model, nn.CrossEntropyLoss(), split(x, y, batches))
+    return _image_problem(name, model, (3, 32, 32), batches, batch_size, seed)
 
 
-def resnet20_problem(seed: int, quick: bool) -> Problem:
-    """ResNet-20 (16/32/64 channels, 3 blocks per stage), 2 batches of 8 (quick: 2 of 2)."""
-    size = 2 if quick else 8
-    return resnet_problem("ResNet-20 3x32x32", [16, 32, 64], 3, 2, size, seed)
+def _resnet_name(depth: int, widths: list[int], tiny: bool) -> str:
+    return f"ResNet-{depth} 3x32x32" + (f" (tiny: {widths[0]}-{widths[-1]} channels)" * tiny)
 
 
-def resnet18_problem(seed: int, quick: bool) -> Problem:
-    """ResNet-18 (64-512 channels, 2 blocks per stage), 2 batches of 4 (quick: 2 of 1)."""
-    size = 1 if quick else 4
-    return resnet_problem("ResNet-18 3x32x32", [64, 128, 256, 512], 2, 2, size, seed)
+def resnet20_problem(seed: int, scale: str) -> Problem:
+    """ResNet-20 (16/32/64 channels, 3 blocks per stage; tiny: 4/8/16), 2 batches of 8 (quick
+    and tiny: 2 of 2)."""
+    widths = sized(scale, [16, 32, 64], tiny=[4, 8, 16])
+    size = sized(scale, 8, quick=2)
+    name = _resnet_name(20, widths, scale == "tiny")
+    return resnet_problem(name, widths, 3, 2, size, seed)
+
+
+def resnet18_problem(seed: int, scale: str) -> Problem:
+    """ResNet-18 (64-512 channels, 2 blocks per stage; tiny: 4-32), 2 batches of 4 (quick: 2 of
+    1, tiny: 2 of 2, gpu: 2 of 128)."""
+    widths = sized(scale, [64, 128, 256, 512], tiny=[4, 8, 16, 32])
+    size = sized(scale, 4, quick=1, tiny=2, gpu=128)
+    name = _resnet_name(18, widths, scale == "tiny")
+    return resnet_problem(name, widths, 2, 2, size, seed)
 
 
 # ----------------------------------------------------------------------------- GPT
@@ -317,37 +420,58 @@ class GPT(nn.Module):
         return self.head(self.ln(x)).flatten(0, 1)
 
 
-GPT_SIZES = {"vocab": 2048, "width": 256, "layers": 4, "heads": 4, "context": 64}
+GPT_SIZES = {  # the keyword arguments of GPT per model
+    "gpt": {"vocab": 2048, "width": 256, "layers": 4, "heads": 4, "context": 64},
+    "gpt30m": {"vocab": 8192, "width": 512, "layers": 8, "heads": 8, "context": 256},
+    "gpt124m": {"vocab": 50257, "width": 768, "layers": 12, "heads": 12, "context": 512},
+}
+TINY_GPT = {"vocab": 128, "width": 32, "layers": 2, "heads": 2, "context": 16}
+GPT_SEQUENCES = {"gpt": 2, "gpt30m": 8, "gpt124m": 4}  # per batch, at the full and gpu scales
 
 
-def gpt_problem(seed: int, quick: bool) -> Problem:
-    """The GPT on random token sequences (next-token targets), 2 batches of 2 sequences of 64
-    tokens (quick: 2 of 1)."""
+def gpt_problem(key: str, seed: int, scale: str) -> Problem:
+    """The GPT ``key`` of :data:`GPT_SIZES` (tiny: :data:`TINY_GPT`) on random token sequences
+    of its full context (next-token targets), 2 batches of :data:`GPT_SEQUENCES` sequences
+    (quick and tiny: 2 of 1)."""
     torch.manual_seed(seed)
-    model = GPT(**GPT_SIZES)
-    batches, sequences = (2, 1) if quick else (2, 2)
-    context = GPT_SIZES["context"]
+    sizes = TINY_GPT if scale == "tiny" else GPT_SIZES[key]
+    model = GPT(**sizes)
+    batches, sequences = 2, sized(scale, GPT_SEQUENCES[key], quick=1)
     generator = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(
-        0, GPT_SIZES["vocab"], (batches * sequences, context + 1), generator=generator
-    )
+    shape = (batches * sequences, sizes["context"] + 1)
+    tokens = torch.randint(0, sizes["vocab"], shape, generator=generator)
     x, y = tokens[:, :-1], tokens[:, 1:]
     data = [
         (xb, yb.reshape(-1)) for xb, yb in zip(x.split(sequences), y.split(sequences), strict=True)
     ]
-    name = "GPT {vocab}v d{width} {layers}L {heads}h ctx{context}".format(**GPT_SIZES)
+    name = "GPT {vocab}v d{width} {layers}L {heads}h ctx{context}".format(**sizes)
+    name += f" (tiny {key})" * (scale == "tiny")
     return Problem(name, model, nn.CrossEntropyLoss(), data)
 
 
-MODELS: dict[str, Callable[[int, bool], Problem]] = {
+def _gpt(key: str) -> Callable[[int, str], Problem]:
+    return lambda seed, scale: gpt_problem(key, seed, scale)
+
+
+MODELS: dict[str, Callable[[int, str], Problem]] = {
     "mlp": mlp_problem,
     "cnn": cnn_problem,
+    "convnet": convnet_problem,
     "resnet20": resnet20_problem,
-    "gpt": gpt_problem,
+    "gpt": _gpt("gpt"),
     "resnet18": resnet18_problem,
+    "gpt30m": _gpt("gpt30m"),
+    "gpt124m": _gpt("gpt124m"),
 }
+GPU_MODELS = ("resnet18", "gpt30m", "gpt124m")  # too large for the CPU runs' defaults
 
 
-def build(name: str, seed: int = 0, quick: bool = False) -> Problem:
-    """The problem ``name`` (a key of :data:`MODELS`), the same bitwise in every process."""
-    return MODELS[name](seed, quick)
+def moved(problem: Problem, device: str) -> Problem:
+    """``problem`` on ``device`` (itself if that is the CPU, where problems are built)."""
+    return problem if torch.device(device).type == "cpu" else problem.to(device=device)
+
+
+def build(name: str, seed: int = 0, scale: str = "full", device: str = "cpu") -> Problem:
+    """The problem ``name`` (a key of :data:`MODELS`) at ``scale`` on ``device``, the same
+    bitwise in every process (built on the CPU, then moved)."""
+    return moved(MODELS[name](seed, scale), device)

@@ -100,11 +100,13 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def _wrap_scipy(matvec: Matvec, n: int, dtype: torch.dtype) -> LinearOperator:
-    """A SciPy operator with an explicit dtype around a torch product (no trial product)."""
+def _wrap_scipy(matvec: Matvec, n: int, dtype: torch.dtype, device: torch.device) -> LinearOperator:
+    """A SciPy operator with an explicit dtype around a torch product on ``device`` (no trial
+    product)."""
 
     def numpy_matvec(x: np.ndarray) -> np.ndarray:
-        return matvec(torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype)).numpy()
+        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=dtype, device=device)
+        return matvec(v).cpu().numpy()
 
     return LinearOperator((n, n), matvec=numpy_matvec, dtype=_numpy_dtype(dtype))
 
@@ -152,7 +154,7 @@ def _eigenthings(
         "hessian-eigenthings",
         kind,
         matvec,
-        lambda: _wrap_scipy(matvec, operator.size, operator.dtype),
+        lambda: _wrap_scipy(matvec, operator.size, operator.dtype, operator.device),
         operator,
     )
 

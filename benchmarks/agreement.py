@@ -1,10 +1,9 @@
-"""The benchmark's checks of correctness and of passes over the data (sections 6-9 of ``bench.py``).
+"""Sections 8 and 9 of ``bench.py``: do the results agree?
 
-They count and compare more than they time: the GGN's cost against the number of outputs and the
-reference module's per-output loop (6), passes over the data at construction, per product and
-in ``eigsh`` (7), the peers' products and top eigenvalues against curvop's (8), and on curvop's
-built-in problem, products and estimators against a dense float64 ground truth built with
-``torch.func`` alone, independently of curvop and of the peers (8d, 9).
+The peers' products and top eigenvalues against curvop's (8, 8b), and on curvop's built-in
+problem, the three libraries' products (8c) and curvop's estimators (9) against a dense float64
+ground truth built with ``torch.func`` alone, independently of curvop and of the peers. They
+compare more than they time.
 """
 
 from __future__ import annotations
@@ -22,20 +21,17 @@ from harness import (
     LABELS,
     OPERATORS,
     Config,
-    ForwardCounter,
     Task,
-    apply_task,
-    counted_matvecs,
-    counted_products,
     make_operator,
-    prepare,
+    peer_libraries,
+    problem_of,
     ratios_to_gradient,
     relative_difference,
     section,
     table,
     top_eigenvalue,
 )
-from models import MLP_SIZES, Problem, build, mlp_data_problem
+from models import Problem, mlp_variant
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -56,29 +52,20 @@ def _load_builtin() -> Problem:
     return Problem(name, loaded.model, loaded.loss_fn, loaded.data)
 
 
-def builtin_problem(dtype: torch.dtype = torch.float64) -> Problem:
-    """curvop's built-in problem, ``curvop.problems.load_problem()``, as a fresh copy in ``dtype``.
+def builtin_problem(dtype: torch.dtype = torch.float64, device: str = "cpu") -> Problem:
+    """curvop's built-in problem, ``curvop.problems.load_problem()``, as a fresh copy in ``dtype``
+    on ``device``.
 
     A 64-32-10 tanh MLP trained on scikit-learn's digits (synthetic data of the same shape without
     scikit-learn), 2,410 parameters, 1,797 samples in batches of 512, 512, 512 and 261: the short
     last batch is part of the point. Loaded in float64 (its default); float32 casts those weights.
     """
-    return _load_builtin().to(dtype)
+    return _load_builtin().to(dtype, device)
 
 
 def synthetic_problems(config: Config) -> list[Problem]:
     """The MLP and the CNN of the benchmark (``models.py``), float32."""
-    return [build(name, config.seed, config.quick) for name in ("mlp", "cnn")]
-
-
-def mlp_variant(config: Config, **options) -> Problem:
-    """The benchmark's MLP with other outputs, loss, samples or batches (the same weights' seed):
-    ``outputs``, ``loss`` (``"ce"`` or ``"mse"``), ``samples``, ``batch_size``, ``sizes``."""
-    mlp = build("mlp", config.seed, config.quick)
-    sizes = options.pop("sizes", [*MLP_SIZES[:-1], options.pop("outputs", MLP_SIZES[-1])])
-    samples = options.pop("samples", mlp.num_samples)
-    batch_size = options.pop("batch_size", int(mlp.batches[0][0].shape[0]))
-    return mlp_data_problem(sizes, samples, batch_size, config.seed, **options)
+    return [problem_of(name, config) for name in ("mlp", "cnn")]
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -105,13 +92,13 @@ class Truth:
 def dense_truth(problem: Problem, chunk: int = 128) -> Truth:
     """The dense Hessian and GGN of the mean loss in float64, with ``torch.func`` alone.
 
-    All samples form one batch (so no batch weighting enters at all). Hessian columns are
+    All samples form one batch (so no batch weighting enters at all); on the CPU. Hessian columns are
     forward-over-reverse products (``jvp`` of ``grad``); GGN columns push ``jvp`` through the
     model, the loss's Hessian in the output (``jvp`` of ``grad``) and a ``vjp`` back. ``chunk``
     unit vectors at a time under ``vmap``.
     """
     start = time.perf_counter()
-    problem = problem.to(torch.float64)
+    problem = problem.to(torch.float64, "cpu")
     named = [(name, p) for name, p in problem.model.named_parameters() if p.requires_grad]
     shapes = [p.shape for _, p in named]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
@@ -150,158 +137,11 @@ def builtin_truth() -> Truth:
     return dense_truth(builtin_problem())
 
 
-# ----------------------------------------------------------------------------- 6. outputs
-def bench_outputs(config: Config) -> str:
-    """GGN cost against the number of model outputs, and the reference's per-output loop."""
-    rows = []
-    for outputs in config.outputs:
-        row: list[object] = [outputs]
-        for loss in ("mse", "ce"):
-            if loss == "ce" and outputs < 2:
-                row.append("–")
-                continue
-            problem = mlp_variant(config, outputs=outputs, loss=loss)
-            v = problem.vectors(1, config.seed)[:, 0]
-            tasks = prepare({"ggn": apply_task(make_operator(problem, "ggn"), v)})
-            ratios, _ = ratios_to_gradient(tasks, problem.gradient, config.repeats)
-            row.append(ratios["ggn"])
-        rows.append(row)
-    sweep = table(["outputs", "GGN, MSE loss", "GGN, cross-entropy"], rows)
-
-    naive_rows = []
-    for outputs in config.naive_outputs:
-        problem = mlp_variant(
-            config, sizes=[16, 32, outputs], loss="mse", samples=32, batch_size=32
-        )
-        v = problem.vectors(1, config.seed)[:, 0]
-        operator = make_operator(problem, "ggn")
-        tasks = prepare(
-            {"curvop": apply_task(operator, v), "naive": lambda p=problem, v=v: naive_ggn(p, v)}
-        )
-        ratios, _ = ratios_to_gradient(tasks, problem.gradient, config.repeats)
-        gap = relative_difference(naive_ggn(problem, v), operator.apply(v))
-        naive_rows.append([outputs, 32 * outputs, ratios["curvop"], ratios["naive"], f"{gap:.1e}"])
-    naive = table(
-        ["outputs", "backward passes (naive)", "curvop GGN", "per-output loop", "max rel. diff"],
-        naive_rows,
-    )
-    mlp = build("mlp", config.seed, config.quick)
-    return section(
-        "6. GGN product against the number of outputs, in gradients",
-        f"{mlp.name.rsplit('-', 1)[0]}-C, float32, {mlp.num_samples} samples in "
-        f"{mlp.layout} batches, k = 1:",
-        sweep,
-    ) + section(
-        "6b. The reference's per-output loop, on a tiny case",
-        "MLP 16-32-C, one batch of 32 samples, MSE, float32. The loop takes one backward pass per "
-        "output element to build Jv (as the reference `gauss_newton_product` did, here without "
-        "its `create_graph`), then the same loss-Hessian and vjp steps.",
-        naive,
-    )
-
-
-def naive_ggn(problem: Problem, v: torch.Tensor) -> torch.Tensor:
-    """The GGN product with Jv built one output element at a time (batch x outputs passes)."""
-    params, total = problem.params, problem.num_samples
-    pieces = [
-        t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params, strict=True)
-    ]
-    result = torch.zeros(problem.size, dtype=torch.float64)
-    for x, y in problem.batches:
-        output = problem.model(x)
-        flat = output.reshape(-1)
-        jv = torch.stack(
-            [
-                sum(
-                    (g * t).sum()
-                    for g, t in zip(
-                        torch.autograd.grad(flat[i], params, retain_graph=True), pieces, strict=True
-                    )
-                )
-                for i in range(flat.numel())
-            ]
-        )
-        detached = output.detach().requires_grad_()
-        output_gradient = torch.autograd.grad(
-            problem.loss_fn(detached, y), detached, create_graph=True
-        )[0]
-        hjv = torch.autograd.grad(output_gradient, detached, jv.view_as(output))[0]
-        gv = torch.autograd.grad(output, params, hjv)
-        result += (x.shape[0] / total) * torch.cat([g.reshape(-1) for g in gv]).double()
-    return result.to(problem.dtype)
-
-
-# ----------------------------------------------------------------------------- 7. passes
-def bench_passes(config: Config) -> str:
-    """Forward passes at construction, per product, and during ``eigsh``."""
-    problem = build("mlp", config.seed, config.quick)
-    num_batches = len(problem.batches)
-    rows = []
-    for kind in OPERATORS:
-        with ForwardCounter(problem.model) as built:
-            operator = make_operator(problem, kind)
-        v = problem.vectors(1, config.seed)[:, 0]
-        with ForwardCounter(problem.model) as first:  # kernel="auto" times its candidates
-            operator.apply(v)
-        with ForwardCounter(problem.model) as one:
-            operator.apply(v)
-        with ForwardCounter(problem.model) as during, counted_matvecs(operator) as asked:
-            top_eigenvalue(operator, config.eig_tol, config.seed)
-        passes = during.count / one.count
-        rows.append(
-            [
-                f"curvop {LABELS[kind]}",
-                built.count,
-                f"{first.count / num_batches:g}",
-                f"{one.count / num_batches:g}",
-                asked[0],
-                f"{passes:g}",
-                f"{passes - asked[0]:+g}",
-            ]
-        )
-    # The pitfall, for contrast: a LinearOperator built without dtype runs a trial product.
-    hessian = make_operator(problem, "hessian")
-    with ForwardCounter(problem.model) as built:
-        LinearOperator(hessian.shape, matvec=hessian.matvec)
-    rows.append(
-        ["`LinearOperator(shape, matvec=H.matvec)`, no dtype", built.count, "", "", "", "", ""]
-    )
-    for library in peers.available_peers() if config.peers else []:
-        for kind in ("hessian", "ggn"):
-            with ForwardCounter(problem.model) as built:
-                peer = peers.build_peer(
-                    library, kind, problem.model, problem.loss_fn, problem.batches, defaults=True
-                )
-            if peer is not None:
-                rows.append(
-                    [f"{library} {LABELS[kind]}, default options", built.count, "", "", "", "", ""]
-                )
-    headers = [
-        "operator",
-        "forwards at construction",
-        "forwards per batch, first product",
-        "forwards per batch, later products",
-        "eigsh: products asked",
-        "eigsh: data passes",
-        "extra passes",
-    ]
-    return section(
-        "7. No wasted passes",
-        f"{problem.name}, float32, {num_batches} batches; forwards counted by a forward hook. "
-        'The first product of an operator built with `kernel="auto"` (the default) also runs '
-        "each candidate kernel on the first batch (the FD-Hessian has one kernel; the GGN's "
-        '"forward" kernel evaluates the model twice per batch). '
-        f"eigsh(k=1, which='LA', tol={config.eig_tol:g}) after those; data passes = forwards "
-        "during eigsh / forwards of a later product.",
-        table(headers, rows),
-    )
-
-
 # ----------------------------------------------------------------------------- 8. peers
 def bench_peers(config: Config) -> str:
     """Agreement and top eigenvalue: curvop against the installed peers (their costs are in
     sections 1-2)."""
-    libraries = peers.available_peers() if config.peers else []
+    libraries = peer_libraries(config)
     if not libraries:
         return section(
             "8. Peers",
@@ -374,7 +214,8 @@ def _products(problem: Problem, kind: str, v: torch.Tensor, libraries: list[str]
 
 def _peer_agreement(config: Config, libraries: list[str]) -> str:
     rows = []
-    cases = [*synthetic_problems(config), mlp_variant(config, samples=1000, batch_size=128)]
+    variant = mlp_variant(config.seed, config.scale, config.device, samples=1000, batch_size=128)
+    cases = [*synthetic_problems(config), variant]
     for base in cases:
         reference_problem = base.to(torch.float64)
         v64 = reference_problem.vectors(1, config.seed)[:, 0]
@@ -401,7 +242,10 @@ def _peer_agreement(config: Config, libraries: list[str]) -> str:
 
 
 def _peer_eigsh(config: Config, libraries: list[str]) -> str:
-    cases = [(build("mlp", config.seed, config.quick), None), (builtin_problem(), builtin_truth())]
+    cases = [
+        (problem_of("mlp", config), None),
+        (builtin_problem(device=config.device), builtin_truth()),
+    ]
     rows = []
     for problem, truth in cases:
         dtype_name = str(problem.dtype).removeprefix("torch.")
@@ -412,9 +256,9 @@ def _peer_eigsh(config: Config, libraries: list[str]) -> str:
             }
             eigenvalues, counts = {}, {}
             for name, operator in operators.items():
-                with counted_matvecs(operator) as asked:
+                with curvop.count_products(operator) as asked:
                     eigenvalues[name] = top_eigenvalue(operator, config.eig_tol, config.seed)
-                counts[name] = asked[0]
+                counts[name] = asked.columns
             tasks = {
                 name: lambda op=op: top_eigenvalue(op, config.eig_tol, config.seed)
                 for name, op in operators.items()
@@ -453,9 +297,9 @@ def _peer_eigsh(config: Config, libraries: list[str]) -> str:
 
 def _peer_builtin(config: Config, libraries: list[str]) -> str:
     truth = builtin_truth()
-    reference_problem = builtin_problem()
+    reference_problem = builtin_problem(device=config.device)
     v64 = reference_problem.vectors(1, config.seed)[:, 0]
-    exact = {kind: truth.matrix(kind) @ v64 for kind in OPERATORS}
+    exact = {kind: truth.matrix(kind) @ v64.cpu() for kind in OPERATORS}
     # batches weighted by count: the mean of the exact per-batch products
     plain_mean = {
         kind: torch.stack(
@@ -514,24 +358,24 @@ def linalg_calls(config: Config) -> list[tuple[str, dict[str, object]]]:
 
 def bench_accuracy(config: Config) -> str:
     """curvop's estimators on the built-in problem against its dense ground truth."""
-    problem, truth = builtin_problem(), builtin_truth()
+    problem, truth = builtin_problem(device=config.device), builtin_truth()
     operator = make_operator(problem, "hessian")
     rows = []
     for name, options in linalg_calls(config):
         call = _call_task(getattr(curvop, name), operator, options)
         shown = ", ".join(f"{key}={value}" for key, value in options.items() if key != "seed")
-        with counted_products(operator) as count:
+        with curvop.count_products(operator) as count:
             result = call()  # also the warm-up: the first product of each width chooses a kernel
         ratios, _ = ratios_to_gradient(
             {name: call}, problem.gradient, config.long_repeats, calibrated=False
         )
         error = _error_vs_truth(name, result, truth)
-        rows.append([f"`{name}`", shown, ratios[name], count.columns, count.passes, error])
-    headers = ["function", "options", "time (gradients)", "products", "passes", "error vs dense"]
+        rows.append([f"`{name}`", shown, ratios[name], count.columns, count.calls, error])
+    headers = ["function", "options", "time (gradients)", "products", "calls", "error vs dense"]
     return section(
         "9. curvop.linalg estimators on the built-in problem, against the dense truth",
         f"{problem.name}, float64 (its default), Hessian; the dense ground truth of 8c. Products "
-        "are the columns multiplied, passes the calls of `apply` (one pass over the data each, "
+        "are the columns multiplied, calls the product calls (one pass over the data each, "
         "whatever the block width); times after a first, untimed call. Errors are relative: eigenvalues, the largest over the k returned; traces, "
         "|estimate − trace| with the estimator's own standard error in brackets; SLQ, the trace "
         "n·mean(Σ w·θ) its quadrature implies and its largest Ritz value θ against λ_max.",
