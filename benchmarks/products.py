@@ -62,7 +62,7 @@ class ProductRun:
     errors: dict[Key, str]
     gradient_seconds: float
     chosen: dict[tuple[str, int], str]  # (kind, k) -> the kernel "auto" chose
-    first_batch: dict[tuple[str, int], dict[str, float]]  # (kind, k) -> seconds per candidate
+    first_batch: dict[str, dict[str, dict[int, float]]]  # kind -> candidate -> width -> seconds
     peaks: dict[Key, Peak]  # of one call, after the warm-up
 
     def get(self, who: str, kind: str, k: int) -> Ratio | None:
@@ -189,13 +189,22 @@ def measure_products(model: str, config: Config) -> ProductRun:
         for kind, operator in autos.items()
         for k, selection in operator.kernel_selections.items()
     }
-    chosen = {key: selection.kernel for key, selection in selections.items()}
-    first_batch = {key: selection.seconds for key, selection in selections.items()}
+    chosen = {key: f"{s.kernel} ({s.chunk} per pass)" for key, s in selections.items()}
+    measured = {kind: operator.kernel_measurements for kind, operator in autos.items()}
+    first_batch = {
+        kind: {
+            name: {width: m.seconds for width, m in widths.items()}
+            for name, widths in measurements.items()
+            if name != "failures"
+        }
+        for kind, measurements in measured.items()
+    }
     errors.update(prepared.errors)
     errors.update(
         ((name, kind, k), reason)
-        for (kind, k), selection in selections.items()
-        for name, reason in selection.failures.items()
+        for kind, measurements in measured.items()
+        for name, reason in measurements["failures"].items()
+        for k in (1, *config.forced_blocks)
     )
     return ProductRun(model, problem, ratios, errors, gradient, chosen, first_batch, prepared.peaks)
 
@@ -258,8 +267,8 @@ _EFFICIENCY_INTRO = (
 )
 _AUTO_INTRO = (
     "Per column, in gradients, from section 1's run. \"auto / best\" divides auto's median by "
-    'the best forced kernel\'s median; "first-batch timings" are the seconds `op.kernel_selections` '
-    "recorded for each candidate (one batch, one call each, the first run of all timed twice)."
+    'the best forced kernel\'s median; "first-batch timings" are the seconds `op.kernel_measurements` '
+    "recorded for each candidate once per operator (the first batch, one column and a block)."
 )
 
 
@@ -372,7 +381,7 @@ def _auto_table(runs: list[ProductRun], config: Config) -> str:
                         run.cell("auto", kind, k),
                         f"{best[0]}: {best[1]}" if best else "–",
                         ratio,
-                        _first_batch(run, kind, k),
+                        _first_batch(run, kind),
                     ]
                 )
     headers = [
@@ -388,10 +397,17 @@ def _auto_table(runs: list[ProductRun], config: Config) -> str:
     return table(headers, rows)
 
 
-def _first_batch(run: ProductRun, kind: str, k: int) -> str:
-    """What the auto operator measured on its first batch at width ``k``, in milliseconds."""
-    seconds = run.first_batch.get((kind, k), {})
-    return ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()) or "–"
+def _first_batch(run: ProductRun, kind: str) -> str:
+    """What the auto operator measured of each candidate on its first batch (once per operator,
+    at one column and at a block), in milliseconds."""
+    measured = run.first_batch.get(kind, {})
+    return (
+        "; ".join(
+            f"{name} " + ", ".join(f"k={w} {s * 1e3:.0f} ms" for w, s in sorted(widths.items()))
+            for name, widths in measured.items()
+        )
+        or "–"
+    )
 
 
 def _peer_names(runs: list[ProductRun]) -> list[str]:

@@ -34,6 +34,15 @@ FALLBACK_FREE = 4 * 2**30  # bytes assumed free where the platform does not say
 T = TypeVar("T")
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    """Where a tensor's storage lives (``None`` for a wrapper without one of its own)."""
+    try:
+        storage = tensor.untyped_storage()
+        return str(storage.device), storage.data_ptr()
+    except RuntimeError:  # a wrapper without storage of its own (torch.func levels)
+        return None
+
+
 class _PeakTracker(TorchDispatchMode):
     """Counts the bytes of the storages that operations create while it is active, until each
     is freed, and keeps the peak of their sum."""
@@ -45,12 +54,12 @@ class _PeakTracker(TorchDispatchMode):
         self._storages: dict[tuple[str, int], weakref.ref] = {}
 
     def _track(self, tensor: torch.Tensor) -> None:
-        try:
-            storage = tensor.untyped_storage()
-            nbytes, key = storage.nbytes(), (str(storage.device), storage.data_ptr())
-        except RuntimeError:  # a wrapper without storage of its own (torch.func levels)
+        key = _storage_key(tensor)
+        if key is None or key in self._storages:
             return
-        if nbytes == 0 or key in self._storages:
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0:
             return
 
         def freed(_: weakref.ref, key: tuple[str, int] = key, nbytes: int = nbytes) -> None:
@@ -68,8 +77,12 @@ class _PeakTracker(TorchDispatchMode):
             # same values; counted, so the peak errs on the safe side)
             func = torch.ops.aten.zeros.default
         result = func(*args, **(kwargs or {}))
+        inputs = {
+            _storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for leaf in tree_leaves(result):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            fresh = isinstance(leaf, torch.Tensor) and _storage_key(leaf) not in inputs
+            if fresh and leaf.device.type != "meta":  # views and in-place results add nothing
                 self._track(leaf)
         return result
 

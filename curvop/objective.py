@@ -176,19 +176,24 @@ def _explain_structured_output(error: Exception, batch: Batch, output: Any) -> N
     a Hugging Face ``ModelOutput``); otherwise return."""
     if isinstance(output, torch.Tensor):
         return
-    described, choice = _describe_output(output)
-    if choice is None:
-        fix = "pass output=a callable that returns the tensor the loss is computed from"
-    else:
-        shown = f'"{choice}"' if isinstance(choice, str) else str(choice)
-        fix = (
-            f"pass output={shown} to the operator to compute the loss from that tensor "
-            f"(curvop analyze: --output {choice})"
-        )
+    described, fix = output_fix(output)
     raise TypeError(
         f"batch {batch.index}: loss_fn was given the model's output ({described}) instead of "
         f"a tensor, and raised; {fix}. The loss raised: {type(error).__name__}: {error}"
     ) from error
+
+
+def output_fix(output: Any) -> tuple[str, str]:
+    """What the model returned, in words, and the ``output=`` that picks the tensor the loss
+    most likely wants from it (also for ``curvop analyze``)."""
+    described, choice = _describe_output(output)
+    if choice is None:
+        return described, "pass output=a callable that returns the tensor the loss is computed from"
+    shown = f'"{choice}"' if isinstance(choice, str) else str(choice)
+    return described, (
+        f"pass output={shown} to the operator to compute the loss from that tensor "
+        f"(curvop analyze: --output {choice})"
+    )
 
 
 def _describe_output(output: Any) -> tuple[str, str | int | None]:

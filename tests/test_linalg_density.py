@@ -152,3 +152,36 @@ def test_float32_rounding_is_not_taken_for_asymmetry_when_a_probe_starts_with_a_
     )
     assert abs(run.alphas[0, 0]) < 1e-3 * np.linalg.norm(matrix @ start.numpy().astype(np.float32))
     assert run.lengths[0] == 20
+
+
+def outlier_off_the_axes(n: int = 200) -> np.ndarray:
+    """Eigenvalue 10 along (e1 - e2) / sqrt(2), a bulk in [0, 1] elsewhere: a Rademacher start
+    has no component along the outlier half the time (z1 = z2)."""
+    rng = np.random.default_rng(0)
+    direction = np.zeros(n)
+    direction[:2] = [1 / np.sqrt(2), -1 / np.sqrt(2)]
+    others, _ = np.linalg.qr(np.column_stack([direction, rng.standard_normal((n, n - 1))]))
+    eigenvalues = np.concatenate([[10.0], rng.uniform(0.0, 1.0, n - 1)])
+    return (others * eigenvalues) @ others.T
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_kpm_bounds_hold_an_outlier_a_rademacher_start_misses(seed):
+    A = outlier_off_the_axes()
+    result = spectral_density(
+        aslinearoperator(A), method="kpm", num_probes=10, num_steps=60, seed=seed
+    )
+    assert result.grid[-1] >= 10.0  # the outlier is inside the grid
+    bulk = (result.grid > 0.2) & (result.grid < 0.8)
+    # the bulk holds 199/200 of the mass spread over [0, 1]: a density near 1, not 0 to 3.1
+    assert np.all((result.density[bulk] > 0.5) & (result.density[bulk] < 1.6))
+
+
+def test_kpm_raises_when_the_spectrum_leaves_its_bounds(monkeypatch):
+    """A bound that misses part of the spectrum makes Chebyshev moments grow past mu_0: an error,
+    not a wrong density."""
+    from curvop.linalg import density as density_module
+
+    monkeypatch.setattr(density_module, "_spectrum_bounds", lambda work, generator: (0.0, 1.0))
+    with pytest.raises(RuntimeError, match=r"KPM: the spectrum reaches beyond the bounds"):
+        spectral_density(aslinearoperator(outlier_off_the_axes()), method="kpm", seed=0)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, N, dense_case
+from linalg_cases import OUTLIERS, N, dense_case, rotated
 from scipy.linalg import eigh_tridiagonal
+from scipy.sparse.linalg import aslinearoperator
 
 from curvop import lanczos
 
@@ -63,3 +64,36 @@ def test_more_steps_than_n_stop_at_n():
     op, _, _ = dense_case("indefinite")
     alphas, _ = lanczos(op, N + 30, seed=1)
     assert len(alphas) <= N
+
+
+def test_float32_lanczos_goes_on_in_a_narrow_bulk_next_to_large_outliers():
+    """Outliers in [20, 100] and a bulk in [0, 0.02]: the residuals inside the bulk are real,
+    far above float32 rounding; stopping at sqrt(eps) of the norm ended SLQ after 7 steps with
+    2 nodes in the bulk."""
+    from scipy.linalg import eigh_tridiagonal
+
+    rng = np.random.default_rng(0)
+    eigenvalues = np.concatenate([rng.uniform(20, 100, 5), rng.uniform(0, 0.02, 995)])
+    A = rotated(eigenvalues).astype(np.float32)
+    alphas, betas = lanczos(aslinearoperator(A), 80, seed=0)
+    assert len(alphas) == 80
+    nodes = eigh_tridiagonal(alphas, betas)[0]
+    assert np.sum(nodes < 0.03) >= 70
+
+
+def test_a_graded_spectrum_runs_to_the_end_and_gives_the_right_quadrature():
+    """logspace(-12, 0, 100): every step is needed; the Gauss quadrature of log(A) with all 100
+    nodes is exact."""
+    from scipy.linalg import eigh_tridiagonal
+
+    eigenvalues = np.logspace(-12, 0, 100)
+    basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((100, 100)))
+    A = (basis * eigenvalues) @ basis.T
+    v0 = np.random.default_rng(1).standard_normal(100)
+    alphas, betas = lanczos(aslinearoperator((A + A.T) / 2), 100, v0=v0)
+    assert len(alphas) >= 95
+    nodes, vectors = eigh_tridiagonal(alphas, betas)
+    quadrature = float(np.sum(vectors[0] ** 2 * np.log(np.abs(nodes))))
+    q = basis.T @ (v0 / np.linalg.norm(v0))
+    exact = float(np.sum(q**2 * np.log(eigenvalues)))
+    assert quadrature == pytest.approx(exact, abs=0.05)

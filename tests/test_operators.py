@@ -466,3 +466,54 @@ def test_scaled_dot_product_attention_models_have_exact_products(cls):
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # the truth too
         truth = (dense_hessian if cls is HessianOperator else dense_ggn)(case).numpy()
     assert relative_error(cls(model, nn.CrossEntropyLoss(), (x, y)).to_dense(), truth) < 1e-10
+
+
+class PartlyUsed(nn.Module):
+    """A parameter the loss never uses and a frozen layer next to the trained ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(3, 3).requires_grad_(False)
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.unused = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.body(self.frozen(x))
+
+
+def partly_used_case(loss: str) -> Case:
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PartlyUsed().double()
+    x = torch.randn(11, 3, generator=generator, dtype=torch.float64)
+    y = (
+        torch.randint(0, 3, (11,), generator=generator)
+        if loss == "ce"
+        else torch.randn(11, 3, generator=generator, dtype=torch.float64)
+    )
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Case(
+        f"partly-used-{loss}", model, loss_fn, [(x[:6], y[:6]), (x[6:], y[6:])], "mean", params
+    )
+
+
+@pytest.mark.parametrize("width", [1, 2, 5])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_every_kernel_and_width_agrees_with_unused_and_frozen_parameters(loss, kind, kernel, width):
+    """Each kernel at every block width, on a model with a parameter the loss never uses (its
+    products are zeros, which forward mode returns as expanded stride-0 tensors) and a frozen
+    layer: the dense truth, zero rows and columns for the unused parameter."""
+    if (kind, kernel, loss) == ("hessian", "forward", "mse"):
+        pytest.skip("torch.func cannot run forward-over-reverse through mse_loss (torch 2.13)")
+    case = partly_used_case(loss)
+    op = build(kind, case, kernel)
+    truth = (dense_hessian if kind == "hessian" else dense_ggn)(case)
+    V = torch.randn(
+        op.shape[0], width, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    torch.testing.assert_close(op.apply(V), truth @ V, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(op.apply(V)[:4]) == 0  # a module's own parameters come first

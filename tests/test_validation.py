@@ -156,7 +156,10 @@ def test_ggn_requires_a_tensor_output():
             return {"logits": self.layer(x)}
 
     op = GaussNewtonOperator(DictOutput(), nn.MSELoss(), batch())
-    with pytest.raises(TypeError, match="the model returned a dict.*pass output='logits'"):
+    with pytest.raises(
+        TypeError,
+        match=r"the model returned a dict with keys \['logits'\].*pass output=\"logits\"",
+    ):
         op.apply(torch.zeros(N, dtype=F64))
 
 

@@ -35,8 +35,7 @@ NATIVE_KINK_TOLERANCE = 3e-2  # the same in float32 and narrower, whose rounding
 # disagreements below this many float64 eps times ||g|| are rounding, not kinks (in float64 a
 # direction along which the gradient does not change; narrower dtypes get no such benefit)
 ROUNDING_FLOOR = 1e3 * torch.finfo(torch.float64).eps
-# Relative accuracy of a product stated in the docs (measured ~1e-6 in float64 on ReLU CNNs and
-# MLPs, ~3e-3 in native float32 on smooth networks), with a margin:
+# The stated relative accuracy of a product (the tests hold it with a margin):
 ACCURACY = {"float64": 1e-5, "native": 1e-2}
 
 
@@ -180,10 +179,9 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
 
     By default the gradients are evaluated in **float64** whatever the model's dtype (the
     parameters, buffers and floating-point data are converted exactly; the model itself is
-    never touched), which on a CPU costs about two float32 gradients each. That makes products
-    accurate to about ``1e-6`` relative (stated: ``1e-5``), also on float32 ReLU CNNs, where
-    float32 differences were wrong by factors of 10-100: a step small enough to avoid the
-    activations' kinks is lost to float32 rounding. Every central difference is checked for a
+    never touched). That allows a step small enough to avoid the activations' kinks, which
+    float32 rounding would swallow, and makes products accurate to the stated ``1e-5``
+    (relative), float32 ReLU CNNs included. Every central difference is checked for a
     kink crossing (see :func:`finite_difference_columns`); a crossing that persists at smaller
     steps raises :class:`KinkError`, since the loss is then not differentiable along that
     direction and the Hessian there is not what finite differences measure.
@@ -201,13 +199,13 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
         :math:`\tfrac{1}{16}\sqrt{\varepsilon}\,(1 + \|\theta\|) / \|v\|` (:math:`\varepsilon`
         of the evaluation precision).
     scheme
-        ``"central"`` (default) or ``"forward"`` (first order, ``k + 1`` gradients per batch,
-        typically 10-100 times less accurate, and without the kink check).
+        ``"central"`` (default) or ``"forward"`` (first order, ``k + 1`` gradients per batch:
+        an error :math:`O(h)` instead of :math:`O(h^2)`, and no kink check).
     precision
         ``"float64"`` (default): evaluate the gradients in float64. ``"native"``: in the
         model's own dtype, for models whose operations have no float64 kernels; in float32
-        products are accurate to a few ``1e-3`` on smooth networks (stated: ``1e-2``), and
-        networks with kinks usually raise :class:`KinkError`.
+        products are accurate to the stated ``1e-2`` on smooth networks, and networks with
+        kinks usually raise :class:`KinkError`.
 
     Attributes
     ----------

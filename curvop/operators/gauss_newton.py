@@ -11,7 +11,7 @@ from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ModelObjective, OutputSelector
+from ..objective import ModelObjective, OutputSelector, output_fix
 from .base import CurvatureOperator, model_objective
 from .kernels import AUTO
 
@@ -21,10 +21,10 @@ __all__ = ["GaussNewtonOperator", "gauss_newton_columns", "gauss_newton_columns_
 def _model_output(objective: ModelObjective, batch: Batch, values: Sequence[torch.Tensor]):
     output = objective.output(batch, values)
     if not isinstance(output, torch.Tensor):
+        described, fix = output_fix(output)
         raise TypeError(
-            f"the model returned a {type(output).__name__}, but the Gauss-Newton matrix "
-            "differentiates one output tensor: pass output='logits' (a key or attribute), an "
-            "index, or a callable that picks it, e.g. GaussNewtonOperator(..., output='logits')"
+            f"batch {batch.index}: the model returned a {described}, but the Gauss-Newton "
+            f"matrix differentiates one output tensor: {fix}"
         )
     return output
 
@@ -120,7 +120,8 @@ class GaussNewtonOperator(CurvatureOperator):
         model returns more than a tensor (a dict such as ``{"logits": ...}``, a Hugging Face
         output, a tuple): a key or attribute name (``"logits"``), an index, or a callable.
     kernel
-        ``"auto"`` (default: timed on the first batch, the fastest kept), ``"batched"`` or
+        ``"auto"`` (default: each candidate measured once, on the first batch, and the fastest
+        within a product's memory limit used; see :class:`HessianOperator`), ``"batched"`` or
         ``"looped"`` (:math:`JV` by the double-vjp trick, the backward passes over the columns
         ``vmap``-ed or looped), or ``"forward"`` (:math:`JV` by ``torch.func.jvp``).
     process_group

@@ -95,12 +95,15 @@ class HessianOperator(CurvatureOperator):
         (``"logits"`` of a dict, or an attribute such as a Hugging Face output's), an index into
         a tuple, or a callable applied to the output. Default: the output as it is.
     kernel
-        How products are computed: ``"auto"`` (default) times the candidates on the first batch
-        of the first product of each block width and keeps the fastest; or force one:
-        ``"batched"`` (reverse-over-reverse, the second backward pass ``vmap``-ed over the
-        columns), ``"looped"`` (the same, looped over one retained graph), ``"forward"``
-        (forward-over-reverse with ``torch.func``; skipped by ``"auto"`` where ``torch.func``
-        cannot trace the model). ``op.kernel_selections`` shows what was measured.
+        How products are computed: ``"auto"`` (default) measures every candidate once, on the
+        first batch of the first product (time and peak memory, with one column and with a
+        block), and then multiplies every block with the one that is fastest within its memory
+        limit (:mod:`curvop.operators.kernels`); or force one: ``"batched"``
+        (reverse-over-reverse, the second backward pass ``vmap``-ed over the columns),
+        ``"looped"`` (the same, looped over one retained graph: memory flat in the columns),
+        ``"forward"`` (forward-over-reverse with ``torch.func``; dropped by ``"auto"`` where
+        ``torch.func`` cannot trace the model). ``op.kernel_measurements`` shows what was
+        measured, ``op.kernel_selections`` what was chosen per block width.
     process_group
         A ``torch.distributed`` process group over which the data is sharded: each rank passes
         its own shard as ``data`` and every product is the curvature of the union of the shards
