@@ -146,7 +146,8 @@ def _add_computation_options(parser: argparse.ArgumentParser, default: Callable)
         "--tol",
         type=_tolerance,
         default=default(0.0),
-        help="eigenvalue tolerance relative to the norm (0: 100 eps of the dtype)",
+        help="eigenvalue tolerance relative to the norm (0: 100 eps of the dtype, or the "
+        "operator's stated accuracy where larger)",
     )
     parser.add_argument(
         "--trace-matvecs",

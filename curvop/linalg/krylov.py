@@ -42,6 +42,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b))
 
 
+def _residual(multiply: Product, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:math:`b - Ax` (no product for :math:`x = 0`)."""
+    return b - multiply(x) if bool(x.any()) else b.clone()
+
+
 def conjugate_gradient(
     multiply: Product,
     b: torch.Tensor,
@@ -58,7 +63,7 @@ def conjugate_gradient(
     indefinite :math:`A` sometimes still converges); it stops with ``breakdown`` only where
     :math:`p^\top A p = 0`.
     """
-    r = b - multiply(x) if bool(x.any()) else b.clone()
+    r = _residual(multiply, b, x)
     z = precondition(r)
     p, rz = z.clone(), _dot(r, z)
     for iteration in range(maxiter):
@@ -94,7 +99,7 @@ def minres(
     Givens rotations; :math:`\bar\phi_k` is the residual norm (in the :math:`M^{-1}` norm), and
     the iteration stops when it falls to ``target`` or after ``maxiter`` iterations.
     """
-    r1 = b - multiply(x) if bool(x.any()) else b.clone()
+    r1 = _residual(multiply, b, x)
     y = precondition(r1)
     beta1 = _dot(r1, y)
     if beta1 < 0:

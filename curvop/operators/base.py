@@ -40,7 +40,7 @@ from .kernels import (
     Selection,
 )
 
-__all__ = ["CurvatureOperator", "model_objective", "resolve_reduction"]
+__all__ = ["CurvatureOperator", "ModelCurvatureOperator", "model_objective", "resolve_reduction"]
 
 Objective = ModelObjective | ClosureObjective
 
@@ -520,3 +520,29 @@ class CurvatureOperator(BlockOperator):
                 "is the usual cause: use HessianOperator. Otherwise check a custom kernel or loss."
             )
         return gap
+
+
+class ModelCurvatureOperator(CurvatureOperator):
+    """A curvature of ``loss_fn(model(inputs), targets)`` over ``data``, whose class names its
+    kernels (``kernels``); the parameters are documented by :class:`HessianOperator`."""
+
+    kernels: dict[str, Kernel]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+        data: Any,
+        params: Sequence[torch.Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+        output: OutputSelector = None,
+        kernel: str = AUTO,
+        process_group: Any = None,
+    ):
+        """Build the operator: no product and no pass over the data yet (the parameters are
+        described in the class docstring)."""
+        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
+        super().__init__(
+            objective, self.kernels, kernel=kernel, reduction=reduction, process_group=process_group
+        )

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ModelObjective, OutputSelector, output_fix
-from .base import CurvatureOperator, model_objective
-from .kernels import AUTO
+from ..objective import ModelObjective, output_fix
+from .base import ModelCurvatureOperator
 
 __all__ = ["GaussNewtonOperator", "gauss_newton_columns", "gauss_newton_columns_forward"]
 
@@ -98,7 +95,7 @@ KERNELS = {
 }
 
 
-class GaussNewtonOperator(CurvatureOperator):
+class GaussNewtonOperator(ModelCurvatureOperator):
     r"""The generalized Gauss-Newton matrix :math:`G = \sum_b w_b J_b^\top H_b J_b`.
 
     :math:`J_b` is the Jacobian of the model output on batch ``b`` with respect to the parameters
@@ -136,21 +133,4 @@ class GaussNewtonOperator(CurvatureOperator):
     >>> step = curvop.solve_damped(G, torch.ones(G.shape[0]), damping=1e-2).x
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-        output: OutputSelector = None,
-        kernel: str = AUTO,
-        process_group: Any = None,
-    ):
-        """Build the operator: no product and no pass over the data yet (the parameters are
-        described in the class docstring)."""
-        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
-        super().__init__(
-            objective, KERNELS, kernel=kernel, reduction=reduction, process_group=process_group
-        )
+    kernels = KERNELS

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
 from ..autodiff import vjp, vjp_columns
 from ..data import Batch
-from ..objective import ClosureObjective, ModelObjective, OutputSelector
-from .base import CurvatureOperator, model_objective
+from ..objective import ClosureObjective, ModelObjective
+from .base import CurvatureOperator, ModelCurvatureOperator
 from .kernels import AUTO
 
 __all__ = ["HessianOperator", "hessian_columns", "hessian_columns_forward"]
@@ -63,7 +61,7 @@ REVERSE_KERNELS = {
 KERNELS = {**REVERSE_KERNELS, "forward": hessian_columns_forward}
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(ModelCurvatureOperator):
     r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of the loss over all the data.
 
     .. math::
@@ -121,24 +119,7 @@ class HessianOperator(CurvatureOperator):
     >>> top = eigsh(H, k=1, which="LA", return_eigenvectors=False)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
-        data: Any,
-        params: Sequence[torch.Tensor] | None = None,
-        *,
-        reduction: str | None = None,
-        output: OutputSelector = None,
-        kernel: str = AUTO,
-        process_group: Any = None,
-    ):
-        """Build the operator: no product and no pass over the data yet (the parameters are
-        described in the class docstring)."""
-        objective, reduction = model_objective(model, loss_fn, data, params, output, reduction)
-        super().__init__(
-            objective, KERNELS, kernel=kernel, reduction=reduction, process_group=process_group
-        )
+    kernels = KERNELS
 
     @classmethod
     def from_function(
