@@ -324,15 +324,14 @@ class CurvatureOperator(BlockOperator):
                 self._plan.record(name, width, result)
 
     def _time(self, kernel: Kernel, batch: Any, columns: list[torch.Tensor], careful: bool):
-        """Seconds and peak bytes of ``kernel`` on ``batch``.
-
-        The peak comes from a run under :func:`curvop.memory.peak_tensor_bytes`. A ``careful``
-        measurement (a candidate's first, and every one of a ``torch.func`` kernel) first runs
-        without it: an exception inside a ``torch.func`` transform under a dispatch mode can
-        crash the process, while a plain run raises it, and the candidate is dropped. A careful
-        measurement (whose first runs paid one-time costs: lazy initialization, ``torch.func``'s
-        decompositions, the tracker's own) and one under :data:`REPEAT_BELOW` seconds
-        (noise-sized) is timed once more; the fastest run counts.
+        """Seconds and peak bytes of ``kernel`` on ``batch``: the faster of a run under
+        :func:`curvop.memory.peak_tensor_bytes` (which also gives the peak) and a plain run
+        after it (the first run of a kernel at a width pays one-time costs: lazy initialization,
+        ``torch.func``'s decompositions, the tracker's own), and of a third where they took
+        under :data:`REPEAT_BELOW` seconds (noise-sized). A ``careful`` measurement (a
+        candidate's first, and every one of a ``torch.func`` kernel) first runs plainly: an
+        exception inside a ``torch.func`` transform under a dispatch mode can crash the
+        process, while a plain run raises it, and the candidate is dropped.
         """
         device = self.layout.device
 
@@ -343,14 +342,14 @@ class CurvatureOperator(BlockOperator):
             return clock(device) - start
 
         try:
-            seconds = run() if careful else math.inf
+            first = run() if careful else math.inf
             tracked, peak = peak_tensor_bytes(run)
         except torch.OutOfMemoryError:
             if columns[0].shape[0] == 1:
                 raise
             return Measurement(math.inf, math.inf)  # this width does not fit: one at a time
-        seconds = min(seconds, tracked)
-        if careful or seconds < REPEAT_BELOW:  # one-time costs (the first runs), noise
+        seconds = min(first, tracked, run())
+        if seconds < REPEAT_BELOW:
             seconds = min(seconds, run())
         return Measurement(seconds, peak)
 

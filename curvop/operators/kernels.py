@@ -49,6 +49,7 @@ CALIBRATION_WIDTH = 4  # the block width measured besides one column
 BLOCK_ONLY = frozenset({"looped"})  # candidates that equal the reference at one column
 TORCH_FUNC_KERNELS = frozenset({"forward"})  # candidates that run torch.func transforms
 SWITCH_MARGIN = 0.9  # another kernel replaces the reference where it takes at most this share
+PASS_TIE = 0.02  # chunk widths within this share of the fastest count as equal: the widest wins
 REPEAT_BELOW = 0.25  # seconds: a measurement this cheap is repeated, the faster run kept
 
 
@@ -175,21 +176,29 @@ class KernelPlan:
     def select(self, k: int, limit: float | None, max_chunk: int | None = None) -> Selection:
         """The fastest predicted way to multiply ``k`` columns with at most ``limit`` bytes per
         pass (``None``: no limit) and ``max_chunk`` columns per pass; one column per pass with
-        the leanest kernel where nothing fits. Needs the measurements of :meth:`missing` for
-        ``(1, CALIBRATION_WIDTH)`` (``(1,)`` for ``k = 1``). A candidate whose block run did not
-        fit in memory (an infinite measurement) runs one column per pass."""
+        the leanest kernel where nothing fits. Among chunk widths within :data:`PASS_TIE` of a
+        kernel's fastest, the widest (fewest passes over the data: each costs more than the
+        first batch's kernel, which is all that is timed). Needs the measurements of
+        :meth:`missing` for ``(1, CALIBRATION_WIDTH)`` (``(1,)`` for ``k = 1``). A candidate
+        whose block run did not fit in memory (an infinite measurement) runs one column per
+        pass."""
         best: dict[str, Selection] = {}
         widest = min(k, max_chunk or k)
         for name in self.names(k):
             seconds, memory = self.costs(name)
             blocks = all(math.isfinite(m.bytes) for m in self.measurements[name].values())
+            options = []
             for chunk in range(1, widest + 1 if blocks else 2):
                 peak = memory.at(chunk)
                 if chunk > 1 and limit is not None and peak > limit:
                     break
-                total = math.ceil(k / chunk) * seconds.at(chunk)
-                if name not in best or total <= best[name].seconds:  # ties: fewer passes
-                    best[name] = Selection(name, chunk, total, int(peak))
+                options.append(
+                    Selection(name, chunk, math.ceil(k / chunk) * seconds.at(chunk), int(peak))
+                )
+            fastest = min(option.seconds for option in options)
+            best[name] = max(
+                (o for o in options if o.seconds <= (1 + PASS_TIE) * fastest), key=lambda o: o.chunk
+            )
         fitting = {n: s for n, s in best.items() if limit is None or s.bytes <= limit}
         if not fitting:  # even one column exceeds the limit: run the leanest one at a time
             return min(best.values(), key=lambda s: s.bytes)
