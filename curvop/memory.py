@@ -9,10 +9,11 @@ Two questions decide how wide curvop's block products may be:
   buffers of a batched backward pass included. (The saved-tensor hooks of
   ``torch.autograd.graph`` see only what the graph saves, which does not grow with the columns of
   a batched second backward pass, and ``torch.func`` refuses them.)
-- **How much may a call use by default?** :func:`default_budget_bytes`: a share
+- **How much may a call use by default?** :func:`default_budget_bytes`: a quarter
   (:data:`DEFAULT_SHARE`) of the memory free on the device right now, from
   ``torch.cuda.mem_get_info`` on a GPU and from ``MemAvailable`` in ``/proc/meminfo`` (or the
-  available physical pages) on the CPU.
+  available physical pages) on the CPU: room for the call, leaving the rest to the model, its
+  data and whatever else the process (or a training run beside it) holds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 __all__ = ["DEFAULT_SHARE", "default_budget_bytes", "free_bytes", "peak_tensor_bytes"]
 
-DEFAULT_SHARE = 0.5  # of the device's free memory: the default budget of a call
+DEFAULT_SHARE = 0.25  # of the device's free memory: the default budget of a call
 FALLBACK_FREE = 4 * 2**30  # bytes assumed free where the platform does not say
 
 T = TypeVar("T")

@@ -146,7 +146,7 @@ def _slq(
     the operator's dtype, whose products carry no more precision, and a basis orthogonal to it
     gives Ritz values as accurate as a float64 one."""
     steps = min(num_steps, work.n)
-    per_probe = steps * work.vector_bytes() + WORKING_VECTORS * work.n * 8
+    per_probe = (steps + WORKING_VECTORS) * work.vector_bytes()
     width = work.width(num_probes, per_probe)
     runs = [
         _quadrature(lanczos_block(work, probes, num_steps, work.dtype), num_steps)
@@ -303,7 +303,7 @@ def spectral_density(
     memory_gb
         Budget in GiB for what the call holds at once: SLQ keeps ``num_steps`` vectors per probe
         (full reorthogonalization) in the operator's dtype, KPM four in float64, and the block
-        products their autograd graphs. Default (``None``): half of the device's free memory,
+        products their autograd graphs. Default (``None``): a quarter of the device's free memory,
         of which a product takes at most four single products' worth. Probes beyond what fits
         run in later chunks (more passes over the data, the same result); one probe always
         runs, even when its vectors alone exceed the budget.

@@ -435,9 +435,9 @@ def top_eigenvalues(
         less than 5 ms on the first batch (see :func:`_choose_width`). The costs are measured
         once per operator, so the same operator always takes the same path.
     memory_gb
-        Budget in GiB for the basis and the products' autograd graphs. Default (``None``): half
-        of the device's free memory, of which a product takes at most four single products'
-        worth.
+        Budget in GiB for the basis and the products' autograd graphs. Default (``None``): a
+        quarter of the device's free memory, of which a product takes at most four single
+        products' worth.
     progress
         Show a progress bar of the column products (tqdm; see :mod:`curvop.progress`).
 

@@ -117,13 +117,13 @@ def _reorthogonalize(
 
 
 def _products(work: Workspace, q: torch.Tensor, active: torch.Tensor, kept: int) -> torch.Tensor:
-    """The rows :math:`A q_i` (``(p, n)``) of the active processes, in float64; zero rows for the
-    others. ``kept``: the bytes of vectors the processes hold."""
+    """The rows :math:`A q_i` (``(p, n)``) of the active processes, in ``q``'s dtype; zero rows
+    for the others. ``kept``: the bytes of vectors the processes hold."""
     if bool(active.all()):
-        return work.multiply(q.T, kept, torch.float64).T
+        return work.multiply(q.T, kept, q.dtype).T
     rows = active.nonzero().squeeze(1).to(q.device)
-    w = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
-    w[rows] = work.multiply(q[rows].T, kept, torch.float64).T
+    w = torch.zeros_like(q)
+    w[rows] = work.multiply(q[rows].T, kept, q.dtype).T
     return w
 
 
@@ -138,17 +138,17 @@ def lanczos_block(
     A process stops early when its residual norm :math:`\beta_j` falls to rounding, below
     :func:`breakdown_tolerance` times the largest product norm so far (a lower bound of
     :math:`\|A\|`): an invariant subspace; its later columns are no longer multiplied. At most
-    ``n`` steps are taken. The basis of ``p * num_steps`` vectors is kept in ``basis_dtype``
-    (float64, or the operator's own dtype to halve the memory, with orthogonality to that
-    precision); the recurrence itself runs in float64. The Lanczos vectors are rows here, so that
-    each process' basis is one contiguous ``(num_steps, n)`` matrix.
+    ``n`` steps are taken. The basis of ``p * num_steps`` vectors and the working vectors are
+    kept in ``basis_dtype`` (float64, or the operator's own dtype to halve the memory, with
+    orthogonality to that precision); the coefficients are float64. The Lanczos vectors are
+    rows here, so that each process' basis is one contiguous ``(num_steps, n)`` matrix.
     """
     n, p = start.shape
     m = min(num_steps, n)
-    start = start.double()
+    start = start.to(basis_dtype)
     q = (start / torch.linalg.vector_norm(start, dim=0)).T.contiguous()
     basis = torch.empty(p, m, n, dtype=basis_dtype, device=start.device)
-    kept = basis.numel() * basis.itemsize + WORKING_VECTORS * p * n * 8
+    kept = (basis.numel() + WORKING_VECTORS * p * n) * basis.itemsize
     alphas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     betas = torch.zeros(p, m, dtype=torch.float64, device=start.device)
     lengths = torch.full((p,), m, dtype=torch.long)
@@ -159,13 +159,13 @@ def lanczos_block(
     for step in range(m):
         basis[:, step] = q
         w = _products(work, q, active, kept)
-        alphas[:, step] = torch.linalg.vecdot(q, w)
-        norm = torch.maximum(norm, torch.linalg.vector_norm(w, dim=1))
+        alphas[:, step] = (q * w).sum(1, dtype=torch.float64)
+        norm = torch.maximum(norm, torch.linalg.vector_norm(w, dim=1, dtype=torch.float64))
         w -= alphas[:, step, None] * q
         if step:
             w -= betas[:, step - 1, None] * previous_q
         w = _reorthogonalize(basis[:, : step + 1], w, norm, active, work)
-        beta = torch.linalg.vector_norm(w, dim=1)
+        beta = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
         betas[:, step] = beta
         stopped = (beta <= tolerance * norm).cpu() & active
         lengths[stopped] = step + 1
@@ -174,7 +174,7 @@ def lanczos_block(
             break
         keep = active.to(w.device)[:, None]
         previous_q = q
-        q = torch.where(keep, w / torch.where(keep, beta[:, None], 1.0), 0.0)
+        q = torch.where(keep, w / torch.where(keep, beta[:, None], 1.0).to(w.dtype), 0.0)
     mask = torch.arange(m) < lengths[:, None]
     return LanczosRun((alphas.cpu() * mask).numpy(), (betas.cpu() * mask).numpy(), lengths.numpy())
 

@@ -90,7 +90,7 @@ def hutchinson_trace(
         Seed of the private generator.
     memory_gb
         Budget in GiB for what the call holds at once: the probes, their products and the
-        products' autograd graphs. Default (``None``): half of the device's free memory, of
+        products' autograd graphs. Default (``None``): a quarter of the device's free memory, of
         which a product takes at most four single products' worth (see
         :mod:`curvop.linalg.workspace`).
     progress

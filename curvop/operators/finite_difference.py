@@ -272,5 +272,5 @@ class FiniteDifferenceHessianOperator(CurvatureOperator):
             objective,
             _kernels(eps, scheme, None),
             accuracy=ACCURACY["native" if native else "float64"],
-            name="FiniteDifferenceHessian",
+            name="FiniteDifferenceHessianOperator.from_function",
         )

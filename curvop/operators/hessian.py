@@ -136,4 +136,6 @@ class HessianOperator(ModelCurvatureOperator):
         :class:`CurvatureOperator` of the closure's Hessian.
         """
         objective = ClosureObjective(func, params)
-        return CurvatureOperator(objective, REVERSE_KERNELS, kernel=kernel, name="Hessian")
+        return CurvatureOperator(
+            objective, REVERSE_KERNELS, kernel=kernel, name="HessianOperator.from_function"
+        )
