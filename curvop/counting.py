@@ -87,10 +87,9 @@ def count_products(op: Any, on_product: Observer | None = None) -> Iterator[Prod
 
 @contextmanager
 def _shadowed_products(op: Any, observe: Observer) -> Iterator[None]:
-    """``op.matvec`` and ``op.matmat`` report to ``observe`` inside the block (instance
-    attributes that shadow the class' methods, deleted afterwards). A product made inside another
-    (SciPy's default ``matmat`` loops over ``matvec``) is not counted again."""
-    matvec, matmat = op.matvec, op.matmat
+    """``op.matvec`` and ``op.matmat`` (those it has) report to ``observe`` inside the block
+    (instance attributes that shadow the class' methods, deleted afterwards). A product made
+    inside another (SciPy's default ``matmat`` loops over ``matvec``) is not counted again."""
     depth = 0
 
     def counted(multiply: Callable[[Any], Any], columns: Callable[[Any], int]) -> Callable:
@@ -106,9 +105,16 @@ def _shadowed_products(op: Any, observe: Observer) -> Iterator[None]:
 
         return product
 
-    op.matvec = counted(matvec, lambda x: 1)
-    op.matmat = counted(matmat, lambda X: X.shape[1])
+    widths = {"matvec": lambda x: 1, "matmat": lambda X: X.shape[1]}
+    shadowed = [name for name in widths if callable(getattr(op, name, None))]
+    if not shadowed:
+        raise TypeError(
+            f"op must be a curvop operator or have matvec/matmat to count, got {type(op).__name__}"
+        )
+    for name in shadowed:
+        setattr(op, name, counted(getattr(op, name), widths[name]))
     try:
         yield
     finally:
-        del op.matvec, op.matmat
+        for name in shadowed:
+            delattr(op, name)
