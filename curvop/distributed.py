@@ -30,7 +30,7 @@ __all__ = [
     "allreduce_product",
     "broadcast_seed",
     "check_group",
-    "mean_over_ranks",
+    "min_over_ranks",
 ]
 
 
@@ -123,12 +123,13 @@ def broadcast_seed(process_group: Any, device: torch.device) -> int:
     return int(seed)
 
 
-def mean_over_ranks(values: list[float], process_group: Any, device: torch.device) -> list[float]:
-    """The mean of each value over the ranks (one all-reduce), so that decisions taken from
-    measurements (which differ between ranks) are the same on every rank."""
-    buffer = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(buffer, group=process_group)
-    return (buffer / dist.get_world_size(process_group)).tolist()
+def min_over_ranks(value: float, process_group: Any, device: torch.device) -> float:
+    """The least ``value`` of the ranks (one all-reduce), so that a memory limit read from each
+    rank's free memory (which differs between ranks) is the same on every rank: the columns per
+    pass, and so the shapes of the all-reduces, must match."""
+    buffer = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(buffer, op=dist.ReduceOp.MIN, group=process_group)
+    return float(buffer)
 
 
 def agree_on_measurements(

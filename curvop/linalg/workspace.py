@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import broadcast_seed
+from ..distributed import broadcast_seed, min_over_ranks
 from ..memory import default_budget_bytes
 from ..operators.base import DEFAULT_GRAPH_FLOOR, DEFAULT_GRAPH_PRODUCTS
 from ..operators.block import BlockOperator, as_block_operator
@@ -193,10 +193,13 @@ class Workspace:
 
 def open_workspace(op: Any, memory_gb: Any) -> Workspace:
     """The workspace of one call: ``op`` as a block operator and the budget: ``memory_gb``
-    (checked) or the device's default."""
+    (checked) or the device's default (the least over the ranks of a process group)."""
     block = as_block_operator(op)
     budget = check_memory_gb(memory_gb)
     if budget is not None:
         return Workspace(block, budget, explicit=True)
     device = block.device or torch.device("cpu")
-    return Workspace(block, default_budget_bytes(device), explicit=False)
+    budget = default_budget_bytes(device)
+    if block.process_group is not None:  # every rank must choose the same widths
+        budget = int(min_over_ranks(budget, block.process_group, device))
+    return Workspace(block, budget, explicit=False)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..devices import clock
-from ..distributed import agree_on_measurements, allreduce_product, check_group
+from ..distributed import agree_on_measurements, allreduce_product, check_group, min_over_ranks
 from ..layout import ParamLayout
 from ..memory import default_budget_bytes, peak_tensor_bytes
 from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolve_params
@@ -225,6 +225,7 @@ class CurvatureOperator(BlockOperator):
         self._objective, self.reduction = objective, reduction
         self._plan = KernelPlan(kernels, kernel)
         self._measured, self._name = measured, name or type(self).__name__
+        self._default_limit: float | None = None
         self.process_group = check_group(process_group)
         self.layout = ParamLayout(objective.params)
         param_dtype = self.layout.dtype
@@ -275,13 +276,19 @@ class CurvatureOperator(BlockOperator):
         """The peak bytes a pass may add: ``memory_bytes`` if given, else the smaller of
         :data:`DEFAULT_GRAPH_PRODUCTS` single products (the leanest kernel's; at least
         :data:`DEFAULT_GRAPH_FLOOR`) and the device's default budget
-        (:func:`curvop.memory.default_budget_bytes`)."""
+        (:func:`curvop.memory.default_budget_bytes`), decided at the first product (the least
+        over the ranks of a process group) and kept."""
         if memory_bytes is not None:
             return memory_bytes
-        self._measure((1,))
-        single = min(self._plan.measurements[name][1].bytes for name in self._plan.names(1))
-        allowance = max(DEFAULT_GRAPH_PRODUCTS * single, DEFAULT_GRAPH_FLOOR)
-        return min(allowance, default_budget_bytes(self.layout.device))
+        if self._default_limit is None:
+            self._measure((1,))
+            single = min(self._plan.measurements[name][1].bytes for name in self._plan.names(1))
+            allowance = max(DEFAULT_GRAPH_PRODUCTS * single, DEFAULT_GRAPH_FLOOR)
+            limit = min(allowance, default_budget_bytes(self.layout.device))
+            if self.process_group is not None:
+                limit = min_over_ranks(limit, self.process_group, self.layout.device)
+            self._default_limit = limit
+        return self._default_limit
 
     def _measure(self, widths: Sequence[int]) -> None:
         """Run every candidate still unmeasured at ``widths`` on the first batch, with random
