@@ -1,4 +1,6 @@
-"""Batches in any mapping or sequence: walked, fingerprinted, moved and passed to the model."""
+"""Data (curvop.data): batches in any mapping or sequence, walked, fingerprinted, moved and
+passed to the model; data that changes between products is caught; data that is no collection
+of batches is refused."""
 
 from __future__ import annotations
 
@@ -7,9 +9,15 @@ from collections import OrderedDict, UserDict, defaultdict, namedtuple
 import numpy as np
 import pytest
 import torch
-from conftest import DictInputModel, dense_hessian, make_case
+from conftest import (
+    DictInputModel,
+    dense_hessian,
+    make_case,
+)
+from torch import nn
 
 import curvop
+from curvop import HessianOperator
 from curvop.data import Batch, DataSource, map_tensors
 
 Pair = namedtuple("Pair", ["features", "scale"])
@@ -19,23 +27,12 @@ def _dict_case():
     return make_case("dict", "mse", "mean", (6,))
 
 
+# --------------------------------------------------------------- batches in any mapping or sequence
 def test_a_user_dict_batch_gives_the_hessian_of_the_dict_batch():
     case = _dict_case()
     inputs, targets = case.data
     operator = curvop.HessianOperator(case.model, case.loss_fn, (UserDict(inputs), targets))
     np.testing.assert_allclose(operator.to_dense(), dense_hessian(case).numpy(), rtol=1e-10)
-
-
-def test_a_change_inside_a_user_dict_is_caught():
-    case = _dict_case()
-    inputs, targets = case.data
-    batch = UserDict({name: tensor.clone() for name, tensor in inputs.items()})
-    operator = curvop.HessianOperator(case.model, case.loss_fn, (batch, targets))
-    vector = torch.ones(operator.shape[0], dtype=torch.float64)
-    operator.apply(vector)
-    batch["scale"][0] += 1.0
-    with pytest.raises(RuntimeError, match=r"the data changed between products \(the contents"):
-        operator.apply(vector)
 
 
 def test_tensors_in_nested_mappings_and_sequences_are_all_fingerprinted():
@@ -72,11 +69,6 @@ def test_the_source_moves_tensors_inside_a_user_dict_to_the_device():
     assert args == () and type(kwargs) is dict and set(kwargs) == {"features", "scale"}
 
 
-def test_a_mapping_is_not_a_collection_of_batches():
-    with pytest.raises(TypeError, match="got UserDict"):
-        DataSource(UserDict(a=(torch.ones(2, 1), torch.ones(2))), torch.device("cpu"))
-
-
 def test_a_user_dict_model_input_is_passed_as_keyword_arguments():
     model = DictInputModel().double()
     features = torch.randn(5, 3, dtype=torch.float64)
@@ -84,3 +76,43 @@ def test_a_user_dict_model_input_is_passed_as_keyword_arguments():
     batch = Batch(0, UserDict(features=features, scale=scale), torch.zeros(5))
     args, kwargs = batch.model_args()
     torch.testing.assert_close(model(*args, **kwargs), model(features=features, scale=scale))
+
+
+def test_dataloader_and_tuple_inputs():
+    torch.manual_seed(0)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(4, 3)
+
+        def forward(self, u, w):
+            return torch.tanh(self.a(u)) + self.b(w)
+
+    model = TwoInputs().double()
+    u, w = torch.randn(10, 2, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randn(10, 3, dtype=torch.float64)
+    dataset = [((u[i], w[i]), y[i]) for i in range(10)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False)
+    from_loader = HessianOperator(model, nn.MSELoss(), loader).to_dense()
+    whole = HessianOperator(model, nn.MSELoss(), ((u, w), y)).to_dense()
+    np.testing.assert_allclose(from_loader, whole, atol=1e-12)
+
+
+# --------------------------------------------------------------- data that changes between products
+def test_a_change_inside_a_user_dict_is_caught():
+    case = _dict_case()
+    inputs, targets = case.data
+    batch = UserDict({name: tensor.clone() for name, tensor in inputs.items()})
+    operator = curvop.HessianOperator(case.model, case.loss_fn, (batch, targets))
+    vector = torch.ones(operator.shape[0], dtype=torch.float64)
+    operator.apply(vector)
+    batch["scale"][0] += 1.0
+    with pytest.raises(RuntimeError, match=r"the data changed between products \(the contents"):
+        operator.apply(vector)
+
+
+# ------------------------------------------------------------ data that is no collection of batches
+def test_a_mapping_is_not_a_collection_of_batches():
+    with pytest.raises(TypeError, match="got UserDict"):
+        DataSource(UserDict(a=(torch.ones(2, 1), torch.ones(2))), torch.device("cpu"))

@@ -1,19 +1,44 @@
-"""The objective: closures evaluated at displaced points, and the loss called on the output."""
+"""The objective (curvop.objective): the loss of one batch as a function of the parameters.
+
+Closures evaluated at displaced points and restored bitwise; the model's state (parameters,
+buffers, training mode, ``.grad``, the global random state) never touched, dropout drawing one
+mask; the model, its parameters, its output and the loss checked, and a loss that raises
+explained (structured outputs, swapped arguments, targets of the wrong length or shape, another
+dtype); attention made twice differentiable.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from conftest import (
+    Case,
+    assert_model_unchanged,
+    build_operator,
+    dense_ggn,
+    dense_hessian,
+    make_case,
+    model_snapshot,
+    relative_error,
+)
 from torch import nn
 
 import curvop
+from curvop import (
+    FiniteDifferenceHessianOperator,
+    GaussNewtonOperator,
+    HessianOperator,
+    ParamLayout,
+)
 
 F64 = torch.float64
 
 
+# ------------------------------------------ closures: displaced points, parameters restored bitwise
 def _closure_problem():
     """Parameters ``(W, b)`` and ``f() -> loss`` whose graph saves both of them for backward."""
     generator = torch.Generator().manual_seed(0)
@@ -70,6 +95,64 @@ def test_a_closure_that_raises_leaves_values_and_versions_as_they_were():
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
+def test_from_function_matches_model_operators():
+    case = make_case("mlp", "ce", "mean", (11,))
+    x, y = case.data
+    params = list(case.model.parameters())
+
+    def loss():
+        return case.loss_fn(case.model(x), y)
+
+    truth = dense_hessian(case).numpy()
+    snapshot = model_snapshot(case.model)
+    exact = HessianOperator.from_function(loss, params)
+    approx = FiniteDifferenceHessianOperator.from_function(loss, params)
+    assert relative_error(exact.to_dense(), truth) < 1e-12
+    assert relative_error(approx.to_dense(), truth) < 1e-6
+    assert_model_unchanged(case.model, snapshot)
+
+
+def test_from_function_restores_parameters_bitwise_on_exception():
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 2:  # fails on the perturbed evaluation
+            raise KeyError("boom")
+        return (w**3).sum()
+
+    op = FiniteDifferenceHessianOperator.from_function(flaky, [w])
+    with pytest.raises(KeyError, match="boom"):
+        op @ np.ones(4)
+    assert torch.equal(w.detach(), before)
+
+
+# --------------------------------------------------------------------- the model and its parameters
+def test_parameter_subset_is_the_sub_block():
+    full = make_case("mlp", "mse", "mean", (4, 4, 3))
+    sub = make_case("mlp", "mse", "mean", (4, 4, 3), subset=True)
+    full_dense = build_operator("hessian", full).to_dense()
+    layout = ParamLayout(list(full.model.parameters()))
+    index = np.concatenate(
+        [
+            np.arange(start, start + numel)
+            for (name, _), start, numel in zip(
+                full.model.named_parameters(),
+                np.cumsum([0, *layout.numels[:-1]]),
+                layout.numels,
+                strict=True,
+            )
+            if name.endswith("weight")
+        ]
+    )
+    np.testing.assert_allclose(
+        build_operator("hessian", sub).to_dense(), full_dense[np.ix_(index, index)], atol=1e-12
+    )
+
+
+# ------------------------------------------------------------- the output: the tensor the loss sees
 class _Logits(nn.Module):
     """A linear classifier whose output wraps its logits: a dict, a tuple or an object."""
 
@@ -142,6 +225,7 @@ def test_an_output_without_a_floating_tensor_suggests_a_callable():
     assert "pass output=a callable that returns the tensor" in str(error)
 
 
+# --------------------------------------------------------------------- the loss
 def test_a_loss_class_instead_of_an_instance_is_rejected_at_construction():
     with pytest.raises(TypeError, match=r"got the class nn\.CrossEntropyLoss; pass an instance: "):
         curvop.HessianOperator(nn.Linear(4, 3), nn.CrossEntropyLoss, _classification())
@@ -171,6 +255,7 @@ def test_a_loss_error_on_integer_targets_that_is_not_a_swap_is_left_alone():
     assert "Target 5 is out of bounds" in str(error)
 
 
+# --------------------------------------- batches that do not fit the model: dtypes, lengths, shapes
 def test_targets_that_do_not_broadcast_name_both_shapes():
     x = torch.randn(40, 4, dtype=F64)
     with pytest.warns(UserWarning, match="target size"):  # torch warns, then fails to broadcast
@@ -199,3 +284,32 @@ def test_targets_that_an_elementwise_loss_would_broadcast_are_rejected(
     shapes = f"the targets have shape {targets_shape} but the model's output (40, {outputs})"
     assert shapes in str(error) and "loss_fn would broadcast them" in str(error)
     assert re.search(fix, str(error))
+
+
+# ------------------------------------------------------------------ attention: twice differentiable
+class TinyAttention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention, whose fused CPU/GPU backends have
+    no double backward (a Hessian product raised "derivative ... not implemented")."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (batch, tokens, 4) -> two heads of 2 -> (batch * tokens, 3)
+        heads = [t.unflatten(-1, (2, 2)).transpose(1, 2) for t in self.qkv(x).split(4, dim=-1)]
+        y = nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+        return self.head(y.transpose(1, 2).flatten(2)).flatten(0, 1)
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GaussNewtonOperator])
+def test_scaled_dot_product_attention_models_have_exact_products(cls):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyAttention().double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    case = Case("attention", model, nn.CrossEntropyLoss(), (x, y), "mean")
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # the truth too
+        truth = (dense_hessian if cls is HessianOperator else dense_ggn)(case).numpy()
+    assert relative_error(cls(model, nn.CrossEntropyLoss(), (x, y)).to_dense(), truth) < 1e-10

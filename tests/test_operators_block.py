@@ -1,5 +1,6 @@
 """The operator interface (curvop.operators.block): sums, scalings and shifts stay block
-operators in torch; SciPy's face keeps working; foreign operators go through numpy."""
+operators in torch; SciPy's face keeps working; foreign operators go through numpy; ``apply``
+and the SciPy methods check the vectors they are given."""
 
 from __future__ import annotations
 
@@ -7,20 +8,29 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
-from linalg_cases import gauss_newton, hessian, rotated
+from conftest import (
+    F64,
+    OPERATOR_KINDS,
+    build_operator,
+    dense_hessian,
+    make_case,
+    relative_error,
+)
+from linalg_cases import hessian, rotated
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
+from torch import nn
 
 import curvop
-from curvop import BlockOperator, IdentityOperator, LinearCombination, ProductCost
-
-F64 = torch.float64
-
-
-@pytest.fixture
-def pair():
-    H, G = hessian(), gauss_newton()
-    return H, G, torch.from_numpy(H.to_dense()), torch.from_numpy(G.to_dense())
+from curvop import (
+    BlockOperator,
+    HessianOperator,
+    IdentityOperator,
+    LinearCombination,
+    ProductCost,
+)
 
 
+# -------------------------------------- the algebra: sums, scalings and shifts stay block operators
 def no_numpy(monkeypatch, *ops) -> None:
     """Make every numpy round trip of ``ops`` fail."""
 
@@ -32,10 +42,10 @@ def no_numpy(monkeypatch, *ops) -> None:
         monkeypatch.setattr(op, "_matvec", fail)
 
 
-def test_a_damped_block_product_stays_in_torch(pair, monkeypatch):
+def test_a_damped_block_product_stays_in_torch(curvature_pair, monkeypatch):
     """H + lam * I multiplies blocks in torch: the Hessian's own torch product, V for the
     identity, never numpy (on a GPU that would be a round trip per product)."""
-    H, _, dense, _ = pair
+    H, _, dense, _ = curvature_pair
     n = H.shape[0]
     identity = IdentityOperator(n)
     damped = H + 0.1 * identity
@@ -62,8 +72,8 @@ def test_a_damped_block_product_stays_in_torch(pair, monkeypatch):
     ],
     ids=["difference", "scaled", "scaled-right", "divided", "negated", "sum", "nested"],
 )
-def test_algebra_matches_the_dense_matrices(pair, make, combine):
-    H, G, A, B = pair
+def test_algebra_matches_the_dense_matrices(curvature_pair, make, combine):
+    H, G, A, B = curvature_pair
     op = make(H, G)
     truth = combine(A, B)
     V = torch.randn(H.shape[0], 4, dtype=F64)
@@ -73,20 +83,8 @@ def test_algebra_matches_the_dense_matrices(pair, make, combine):
     assert op.T is op and op.H is op
 
 
-def test_scipy_solvers_and_eigsh_keep_working_on_combinations(pair):
-    H, G, A, B = pair
-    n = H.shape[0]
-    damped = G + 0.5 * IdentityOperator(n)
-    b = np.linspace(-1, 1, n)
-    x, info = sla.cg(damped, b, rtol=1e-12)
-    assert info == 0
-    np.testing.assert_allclose((B.numpy() + 0.5 * np.eye(n)) @ x, b, atol=1e-9)
-    top = sla.eigsh(H - G, k=2, which="LA", return_eigenvectors=False)
-    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh((A - B).numpy())[-2:], rtol=1e-8)
-
-
-def test_a_foreign_operator_in_a_sum_is_multiplied_through_numpy(pair):
-    H, _, A, _ = pair
+def test_a_foreign_operator_in_a_sum_is_multiplied_through_numpy(curvature_pair):
+    H, _, A, _ = curvature_pair
     n = H.shape[0]
     M = rotated(np.linspace(0.0, 1.0, n))
     combined = H + sla.aslinearoperator(M)
@@ -94,8 +92,8 @@ def test_a_foreign_operator_in_a_sum_is_multiplied_through_numpy(pair):
     torch.testing.assert_close(combined @ V, (A + torch.from_numpy(M)) @ V)
 
 
-def test_terms_must_agree(pair):
-    H, _, _, _ = pair
+def test_terms_must_agree(curvature_pair):
+    H, _, _, _ = curvature_pair
     with pytest.raises(ValueError, match="operators of different sizes cannot be added"):
         H + IdentityOperator(H.shape[0] + 1)
     with pytest.raises(ValueError, match="operators of different sizes"):
@@ -111,8 +109,8 @@ class _Elsewhere(BlockOperator):
         super().__init__(n, F64, torch.device("meta"))
 
 
-def test_combinations_report_accuracy_cost_and_dtype(pair):
-    H, G, _, _ = pair
+def test_combinations_report_accuracy_cost_and_dtype(curvature_pair):
+    H, G, _, _ = curvature_pair
     fd = curvop.FiniteDifferenceHessianOperator(*_problem())
     combined = fd + 0.1 * H
     assert combined.accuracy == fd.accuracy  # the worst term's
@@ -133,31 +131,45 @@ def _problem():
     return mlp_problem()
 
 
-def test_counting_sees_the_terms(pair):
-    H, G, _, _ = pair
-    total = H + G
-    V = torch.randn(H.shape[0], 3, dtype=F64)
-    with curvop.count_products(total) as outer, curvop.count_products(H) as inner:
-        total.block_product(V)
-    assert (outer.columns, outer.calls) == (3, 1)
-    assert inner.columns == 3
+# --------------------------------------------------------------------- SciPy's face
+def test_operator_is_a_symmetric_linear_operator():
+    case = make_case()
+    op = build_operator("hessian", case)
+    assert isinstance(op, LinearOperator)
+    assert op.T is op and op.H is op and op.adjoint() is op
 
 
-def test_the_identity_alone_works_with_any_dtype():
-    identity = IdentityOperator(3)
-    for dtype in (torch.float32, F64):
-        V = torch.randn(3, 2, dtype=dtype)
-        product = identity @ V
-        torch.testing.assert_close(product, V)
-        assert product.data_ptr() != V.data_ptr()  # a copy: the caller may write into it
-    np.testing.assert_array_equal(identity @ np.arange(3.0), np.arange(3.0))
-    assert repr(0.5 * identity) == "0.5 * IdentityOperator(3)"
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_eigsh_and_cg_on_operator(kind: str):
+    case = make_case("mlp", "ce", "mean", (4, 4, 3))
+    truth = OPERATOR_KINDS[kind][1](case).numpy()
+    op = build_operator(kind, case)
+    top = eigsh(op, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(truth)[-2:], rtol=1e-8, atol=1e-10)
+
+    damping, b = 0.5, np.ones(op.shape[0])
+    x, info = cg(op + damping * aslinearoperator(np.eye(op.shape[0])), b, rtol=1e-10)
+    assert info == 0
+    expected = np.linalg.solve(truth + damping * np.eye(op.shape[0]), b)
+    assert relative_error(x, expected) < 1e-7
 
 
-def test_matvec_of_a_column_goes_through_matmat(pair, monkeypatch):
+def test_scipy_solvers_and_eigsh_keep_working_on_combinations(curvature_pair):
+    H, G, A, B = curvature_pair
+    n = H.shape[0]
+    damped = G + 0.5 * IdentityOperator(n)
+    b = np.linspace(-1, 1, n)
+    x, info = sla.cg(damped, b, rtol=1e-12)
+    assert info == 0
+    np.testing.assert_allclose((B.numpy() + 0.5 * np.eye(n)) @ x, b, atol=1e-9)
+    top = sla.eigsh(H - G, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh((A - B).numpy())[-2:], rtol=1e-8)
+
+
+def test_matvec_of_a_column_goes_through_matmat(curvature_pair, monkeypatch):
     """SciPy 1.18 warns that matvec on (n, 1) columns stops working in 1.20: curvop never calls
     it with one, its own matvec of a column is a matmat."""
-    H, _, A, _ = pair
+    H, _, A, _ = curvature_pair
     original = sla.LinearOperator.matvec
 
     def strict(self, x):
@@ -170,3 +182,28 @@ def test_matvec_of_a_column_goes_through_matmat(pair, monkeypatch):
         result = op.matvec(x)
         assert result.shape == x.shape
     np.testing.assert_allclose(H.matvec(x), A.numpy() @ x, rtol=1e-10)
+
+
+def test_float32_operator_has_float32_dtype_and_numpy_io():
+    model = nn.Linear(3, 2)
+    op = HessianOperator(model, nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)))
+    assert op.dtype == np.float32
+    out = op @ np.ones(op.shape[0])
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+
+
+# ----------------------------- the vectors: torch in, torch out; shapes, dtypes and devices checked
+def test_apply_one_vector_returns_vector():
+    case = make_case()
+    op = build_operator("hessian", case)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    out = op.apply(v)
+    assert out.shape == v.shape and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), dense_hessian(case).numpy() @ v.numpy(), rtol=1e-10)
+
+
+def test_matmul_with_a_three_dimensional_array_names_the_shape():
+    op = build_operator("hessian", make_case())
+    with pytest.raises(ValueError, match=r"must have shape .*got \(\d+, 1, 1\)"):
+        op @ np.ones((op.shape[0], 1, 1))
+    assert (op @ np.ones((op.shape[0], 2))).shape == (op.shape[0], 2)
