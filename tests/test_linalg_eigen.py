@@ -1,12 +1,32 @@
-"""top_eigenvalues against dense matrices of known spectrum."""
+"""top_eigenvalues (curvop.linalg.eigen): against dense matrices of known spectrum, on curvop
+operators (float32 ones included), and the arguments it checks."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, SPECTRA, N, dense_case, rotated
-from scipy.sparse.linalg import LinearOperator, aslinearoperator
+from conftest import by_operator, split_batches
+from linalg_cases import (
+    OUTLIERS,
+    SPECTRA,
+    N,
+    dense_case,
+    rotated,
+)
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, eigsh
+from torch import nn
 
-from curvop import BlockOperator, ConvergenceWarning, ProductCost, count_products, top_eigenvalues
+import curvop
+from curvop import (
+    BlockOperator,
+    ConvergenceWarning,
+    GaussNewtonOperator,
+    HessianOperator,
+    ProductCost,
+    count_products,
+    top_eigenvalues,
+)
 from curvop.linalg.eigen import _basis_size
 from curvop.linalg.workspace import Workspace
 
@@ -30,6 +50,7 @@ def counting_operator(A: np.ndarray) -> tuple[LinearOperator, list[int]]:
     return LinearOperator(A.shape, matvec=matmat, matmat=matmat, dtype=A.dtype), columns
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 CASES = [(name, which) for name in SPECTRA for which in ("LA", "LM", "SA")]
 CASES.remove(("decaying", "SA"))  # a graded cluster at the wanted end: see the test below
 
@@ -333,3 +354,39 @@ def test_a_run_that_cannot_converge_warns_and_says_how_accurate_it_is():
     with pytest.warns(ConvergenceWarning, match=r"converged to tol=1e-14.*within .* \* \|\|A\|\|"):
         values = top_eigenvalues(op, 4, which="SA", seed=0, ncv=20, maxiter=30, tol=1e-14)
     assert values.shape == (4,) and np.all(np.isfinite(values))
+
+
+# --------------------------------------------------------------------- on curvop operators
+def float32_problem(cls) -> tuple:
+    """An operator on a float32 classifier (three batches, a short last one) and the exact top
+    eigenvalue of the float64 twin (same weights, same data), from the dense matrix."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+        )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=generator)
+    y = torch.randint(0, 3, (96,), generator=generator)
+    batches = split_batches(x, y, [40, 40, 16])
+    op32 = cls(model, nn.CrossEntropyLoss(), batches)
+    twin = copy.deepcopy(model).double()
+    exact = GaussNewtonOperator if cls is GaussNewtonOperator else HessianOperator
+    op64 = exact(twin, nn.CrossEntropyLoss(), [(xb.double(), yb) for xb, yb in batches])
+    assert op32.dtype == np.float32 and op64.dtype == np.float64
+    return op32, float(np.linalg.eigvalsh(op64.to_dense())[-1])
+
+
+@by_operator
+def test_float32_top_eigenvalue_from_eigsh_matches_float64_truth(cls):
+    op32, truth = float32_problem(cls)
+    v0 = np.random.default_rng(0).standard_normal(op32.shape[0])
+    top = float(eigsh(op32, k=1, which="LA", v0=v0, return_eigenvectors=False)[0])
+    assert abs(top - truth) <= 1e-4 * abs(truth)
+
+
+@by_operator
+def test_float32_top_eigenvalue_from_curvop_matches_float64_truth(cls):
+    op32, truth = float32_problem(cls)
+    top = float(np.max(curvop.top_eigenvalues(op32, k=1, seed=0)))
+    assert abs(top - truth) <= 1e-4 * abs(truth)

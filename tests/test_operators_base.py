@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 import weakref
 from copy import deepcopy as copy_module
 
@@ -17,18 +18,28 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    F64,
     KERNELS,
     OPERATOR_CLASSES,
     OPERATOR_KINDS,
+    TINY_N,
     Case,
     build_operator,
+    by_operator,
     conv_hessian,
     dense_ggn,
     dense_hessian,
     make_case,
+    random_vector,
+    regression_data,
     relu_mlp,
     relu_mlp_data,
     skewed,
+    small_mlp,
+    split_batches,
+    tiny_batch,
+    tiny_linear,
+    tiny_operator,
 )
 from torch import nn
 
@@ -122,6 +133,17 @@ def test_a_product_splits_a_block_that_would_exceed_its_limit():
     assert count.calls == 3
 
 
+@by_operator
+def test_products_work_inside_no_grad_and_inference_mode(cls):
+    op = cls(small_mlp(), nn.MSELoss(), regression_data())
+    V = random_vector(op, k=2)
+    expected = op.apply(V)
+    with torch.no_grad():
+        assert torch.equal(op.apply(V), expected)
+    with torch.inference_mode():
+        assert torch.equal(op.apply(V), expected)
+
+
 # ----------------------------------------------- reduction: batches weighted by their sample counts
 def test_mean_reduction_weights_batches_by_sample_count():
     """The short last batch must count for its 1 sample, not for a third of the data."""
@@ -159,7 +181,60 @@ def test_reduction_argument_for_plain_function_losses():
     assert HessianOperator(case.model, squared_error, case.data).reduction == "mean"
 
 
+@by_operator
+def test_reduction_contradicting_the_loss_is_rejected(cls):
+    with pytest.raises(ValueError, match=r"reduction='mean' contradicts loss_fn.reduction='sum'"):
+        cls(tiny_linear(), nn.MSELoss(reduction="sum"), tiny_batch(), reduction="mean")
+
+
+@by_operator
+def test_reduction_none_is_rejected_naming_its_source(cls):
+    with pytest.raises(ValueError, match=r"^loss_fn.reduction must be one of \('mean', 'sum'\)"):
+        cls(tiny_linear(), nn.MSELoss(reduction="none"), tiny_batch())
+    with pytest.raises(
+        ValueError, match=r"^reduction must be one of \('mean', 'sum'\), got 'none'"
+    ):
+        cls(tiny_linear(), lambda o, t: ((o - t) ** 2).mean(), tiny_batch(), reduction="none")
+
+
 # --------------------------------------------------------------------- unused and frozen parameters
+class WithUnusedParts(nn.Module):
+    """A model with a layer it never calls and one parameter it never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_mlp()
+        self.unused_layer = nn.Linear(2, 2).double()
+        self.unused_scale = nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@by_operator
+def test_unused_parameters_give_zero_rows_and_columns(cls):
+    model = WithUnusedParts()
+    op = cls(model, nn.MSELoss(), regression_data())
+    dense = op.to_dense()
+    used = np.concatenate(
+        [np.full(p.numel(), name.startswith("body.")) for name, p in model.named_parameters()]
+    )
+    assert dense.shape == (used.size, used.size) and (~used).sum() == 9
+    assert not dense[~used].any() and not dense[:, ~used].any()
+    reference = cls(model, nn.MSELoss(), regression_data(), list(model.body.parameters()))
+    truth = reference.to_dense()  # the finite-difference step differs: it scales with |theta|
+    assert np.linalg.norm(dense[np.ix_(used, used)] - truth) <= 1e-7 * np.linalg.norm(truth)
+    assert np.abs(truth).max() > 1e-3
+
+
+@by_operator
+def test_selecting_only_unused_parameters_gives_the_zero_matrix(cls):
+    model = WithUnusedParts()
+    unused = [model.unused_scale, *model.unused_layer.parameters()]
+    op = cls(model, nn.MSELoss(), regression_data(), unused)
+    assert op.shape == (9, 9) and not op.to_dense().any()
+
+
 class PartlyUsed(nn.Module):
     """A parameter the loss never uses and a frozen layer next to the trained ones."""
 
@@ -211,6 +286,47 @@ def test_every_kernel_and_width_agrees_with_unused_and_frozen_parameters(loss, k
     assert torch.count_nonzero(op.apply(V)[:4]) == 0  # a module's own parameters come first
 
 
+# --------------------------------------------------------------------- non-finite products
+@pytest.mark.parametrize(
+    ("cls", "where", "bad"),
+    [(cls, "inputs", float("nan")) for cls in OPERATOR_CLASSES]
+    + [(cls, "inputs", float("inf")) for cls in OPERATOR_CLASSES]
+    # the GGN of the MSE does not depend on the targets: only the Hessian sees them
+    + [
+        (cls, "targets", float("inf")) for cls in (HessianOperator, FiniteDifferenceHessianOperator)
+    ],
+)
+def test_non_finite_products_raise_naming_the_batch(cls, where, bad):
+    x, y = regression_data()
+    (x if where == "inputs" else y)[6, 1] = bad  # batch 1 of [5, 4, 3]
+    op = cls(small_mlp(), nn.MSELoss(), split_batches(x, y, [5, 4, 3]))
+    for _ in range(2):  # the second product still blames the data, not a "change" of it
+        with pytest.raises(FloatingPointError, match=r"batch 1 gave NaN or Inf"):
+            op.apply(random_vector(op))
+
+
+def test_non_finite_parameters_blame_the_first_batch():
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    op = GaussNewtonOperator(model, nn.MSELoss(), regression_data())
+    with pytest.raises(FloatingPointError, match="batch 0"):
+        op @ np.ones(op.shape[0])
+
+
+def test_a_non_finite_vector_is_blamed_on_the_vector():
+    op = HessianOperator(small_mlp(), nn.MSELoss(), regression_data())
+    v = random_vector(op)
+    v[3] = float("nan")
+    with pytest.raises(ValueError, match="V must be finite"):
+        op.apply(v)
+
+
+def test_a_non_finite_vector_is_named():
+    with pytest.raises(ValueError, match="V must be finite"):
+        tiny_operator().apply(torch.full((TINY_N,), float("inf"), dtype=F64))
+
+
 # --------------------------------------------------------------------- to_dense
 def test_to_dense_size_limit_can_be_raised():
     op = build_operator("hessian", make_case())
@@ -218,6 +334,79 @@ def test_to_dense_size_limit_can_be_raised():
     with pytest.raises(ValueError, match="max_size"):
         op.to_dense(max_size=n - 1)
     assert op.to_dense(max_size=n).shape == (n, n)
+
+
+def test_to_dense_above_max_size_names_the_argument():
+    with pytest.raises(
+        ValueError, match=rf"n={TINY_N} > max_size=4.*pass max_size={TINY_N} or more"
+    ):
+        tiny_operator().to_dense(max_size=4)
+    assert tiny_operator().to_dense(max_size=TINY_N).shape == (TINY_N, TINY_N)
+
+
+@pytest.mark.parametrize("max_size", [0, -3, 2.5, True, "big"])
+def test_to_dense_rejects_a_bad_max_size(max_size):
+    with pytest.raises(ValueError, match="max_size must be a positive integer"):
+        tiny_operator().to_dense(max_size=max_size)
+
+
+# --------------------------------------------------------------------- check_deterministic
+@by_operator
+def test_check_deterministic_passes_on_a_deterministic_operator(cls):
+    x, y = regression_data()
+    op = cls(small_mlp(), nn.MSELoss(), split_batches(x, y, [5, 5, 2]))
+    assert op.check_deterministic() == 0.0  # CPU kernels are bitwise reproducible
+
+
+class CallCounterNoise(nn.Module):
+    """Multiplicative noise seeded by a Python call counter: curvop's seeding cannot fix it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        generator = torch.Generator().manual_seed(self.calls)
+        return x * (1 + torch.rand(x.shape, generator=generator, dtype=x.dtype))
+
+
+class NumpyNoise(nn.Module):
+    """Noise from NumPy's global generator, which curvop does not (and must not) reseed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.as_tensor(1 + np.random.rand(*x.shape), dtype=x.dtype)  # noqa: NPY002
+
+
+@by_operator
+@pytest.mark.parametrize("noise", [CallCounterNoise, NumpyNoise])
+def test_check_deterministic_names_the_likely_causes(cls, noise):
+    op = cls(small_mlp(noise()), nn.MSELoss(), regression_data())
+    if cls is FiniteDifferenceHessianOperator:  # its kink check sees the noise in one product
+        with pytest.raises(RuntimeError, match="or the operator is not deterministic"):
+            op.check_deterministic()
+        return
+    with pytest.raises(RuntimeError, match="not deterministic") as info:
+        op.check_deterministic()
+    message = str(info.value)
+    for cause in (
+        "outside nn.Dropout",
+        "augmentation",
+        "shuffling",
+        "use_deterministic_algorithms",
+    ):
+        assert cause in message
+
+
+@pytest.mark.parametrize("rtol", [0, -1.0, float("nan"), "1e-3"])
+def test_check_deterministic_rejects_a_bad_rtol(rtol):
+    with pytest.raises(ValueError, match="rtol must be a positive finite real number"):
+        tiny_operator().check_deterministic(rtol=rtol)
+
+
+def test_check_deterministic_rejects_a_bad_seed():
+    with pytest.raises(TypeError, match="seed must be None or an int, got str"):
+        tiny_operator().check_deterministic(seed="0")
 
 
 # --------------------------------------------------------------------- check_symmetric
@@ -243,6 +432,34 @@ def test_check_symmetric_raises_on_an_asymmetric_operator_and_takes_rtol():
     assert 1e-5 < gap < 0.5
     with pytest.raises(ValueError, match="rtol must be a positive"):
         op.check_symmetric(rtol=-1)
+
+
+# --------------------------------------------------------------------- the dropout warning
+@by_operator
+def test_active_dropout_warns_at_construction_naming_the_module(cls):
+    model = small_mlp(nn.Dropout(0.5), width=16)
+    model.train()
+    with pytest.warns(UserWarning, match=r"active dropout in \['1'\]") as record:
+        cls(model, nn.MSELoss(), regression_data())
+    assert record[0].filename == __file__  # stacklevel points at the caller's line
+
+
+def test_dropout_inside_attention_warns():
+    attention = nn.MultiheadAttention(4, 2, dropout=0.1)
+    with pytest.warns(UserWarning, match=r"active dropout in \['attention'\]"):
+        HessianOperator(
+            nn.ModuleDict({"attention": attention}), nn.MSELoss(), (torch.zeros(2), torch.zeros(2))
+        )
+
+
+@pytest.mark.parametrize(
+    "model",
+    [small_mlp(nn.Dropout(0.5)).eval(), small_mlp(nn.Dropout(0.0)).train(), small_mlp().train()],
+)
+def test_no_dropout_warning_when_dropout_is_inactive(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HessianOperator(model, nn.MSELoss(), regression_data())
 
 
 # ------------------------------------------------------ half precision: float16 and bfloat16 models
@@ -393,3 +610,23 @@ def test_no_autograd_graph_survives_a_product(cls, k):
     assert not cyclic_tensors, "a product left tensors in reference cycles"
     assert not result.requires_grad and result.grad_fn is None
     assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------------------------- documentation
+@pytest.mark.parametrize(
+    ("cls", "own"),
+    [
+        (HessianOperator, "kernel"),
+        (GaussNewtonOperator, "output"),
+        (FiniteDifferenceHessianOperator, "precision"),
+    ],
+)
+def test_help_shows_each_operators_own_parameters(cls, own):
+    """help() used to show SciPy's inherited __init__ text, and the parameters lived elsewhere."""
+    import pydoc
+
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "Initialize this LinearOperator" not in text
+    head = text[: text.index(" |  " + "-" * 20)]  # the class docstring, before the methods
+    for name in ("model", "loss_fn", "data", "params", "reduction", "process_group", own):
+        assert f"\n |  {name}" in head or f" {name}," in head or f"{name}\n" in head, name

@@ -11,10 +11,13 @@ import torch
 from conftest import (
     F64,
     OPERATOR_KINDS,
+    TINY_N,
     build_operator,
     dense_hessian,
     make_case,
     relative_error,
+    tiny_closure,
+    tiny_operator,
 )
 from linalg_cases import hessian, rotated
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
@@ -27,6 +30,7 @@ from curvop import (
     IdentityOperator,
     LinearCombination,
     ProductCost,
+    exact_hvp,
 )
 
 
@@ -202,8 +206,72 @@ def test_apply_one_vector_returns_vector():
     np.testing.assert_allclose(out.numpy(), dense_hessian(case).numpy() @ v.numpy(), rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(TINY_N - 1,), (TINY_N + 1, 2), (TINY_N, 2, 1), ()])
+def test_apply_rejects_a_wrong_shape_stating_expected_and_received(shape):
+    with pytest.raises(
+        ValueError, match=rf"V must have shape \({TINY_N},\) or \({TINY_N}, k\), got"
+    ):
+        tiny_operator().apply(torch.zeros(shape, dtype=F64))
+
+
+@pytest.mark.parametrize("shape", [(TINY_N - 1,), (TINY_N, 2)])
+def test_matvec_rejects_a_wrong_shape_stating_expected_and_received(shape):
+    expected = rf"x must have shape \({TINY_N},\) or \({TINY_N}, 1\), got \({', '.join(map(str, shape))},?\)"
+    with pytest.raises(ValueError, match=expected):
+        tiny_operator().matvec(np.zeros(shape))
+
+
+def test_matmul_rejects_a_wrong_length():
+    with pytest.raises(
+        ValueError, match=rf"x must have shape \({TINY_N},\) or \({TINY_N}, 1\), got \(5,\)"
+    ):
+        tiny_operator() @ np.zeros(5)
+
+
 def test_matmul_with_a_three_dimensional_array_names_the_shape():
     op = build_operator("hessian", make_case())
     with pytest.raises(ValueError, match=r"must have shape .*got \(\d+, 1, 1\)"):
         op @ np.ones((op.shape[0], 1, 1))
     assert (op @ np.ones((op.shape[0], 2))).shape == (op.shape[0], 2)
+
+
+def test_matmat_rejects_a_wrong_shape_stating_expected_and_received():
+    with pytest.raises(ValueError, match=rf"X must have shape \({TINY_N}, k\), got \(5, 2\)"):
+        tiny_operator().matmat(np.zeros((5, 2)))
+
+
+def test_rmatvec_rejects_a_wrong_length():
+    with pytest.raises(ValueError, match=rf"x must have shape \({TINY_N},\)"):
+        tiny_operator().rmatvec(np.zeros(TINY_N + 2))
+
+
+def test_apply_rejects_another_dtype_without_copying():
+    with pytest.raises(
+        ValueError, match=r"V must have dtype torch.float64 on device cpu, got dtype torch.float32"
+    ):
+        tiny_operator().apply(torch.zeros(TINY_N, dtype=torch.float32))
+
+
+def test_apply_rejects_another_device_without_copying():
+    with pytest.raises(ValueError, match=r"V must have dtype .* on device cpu, got .* device meta"):
+        tiny_operator().apply(torch.zeros(TINY_N, dtype=F64, device="meta"))
+
+
+def test_apply_rejects_numpy():
+    with pytest.raises(
+        TypeError, match=r"V must be a torch tensor, got a numpy array: for numpy use A @ x"
+    ):
+        tiny_operator().apply(np.zeros(TINY_N))
+
+
+def test_complex_vectors_are_rejected_everywhere():
+    op = tiny_operator()
+    with pytest.raises(TypeError, match="V must be real, got complex"):
+        op.apply(torch.zeros(TINY_N, dtype=torch.complex128))
+    with pytest.raises(TypeError, match="x must be real, got complex"):
+        op.matvec(np.zeros(TINY_N, dtype=complex))
+    with pytest.raises(TypeError, match="X must be real, got complex"):
+        op @ np.zeros((TINY_N, 2), dtype=complex)
+    func, params = tiny_closure()
+    with pytest.raises(TypeError, match="v must be real, got complex"):
+        exact_hvp(func, params, [torch.zeros(2, 3, dtype=torch.complex128), torch.zeros(3)])

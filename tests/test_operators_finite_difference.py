@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    F64,
+    TINY_N,
     Case,
     check_products_match_dense_truth,
     dense_hessian,
@@ -22,6 +24,9 @@ from conftest import (
     relative_error,
     relu_mlp,
     relu_mlp_data,
+    tiny_batch,
+    tiny_closure,
+    tiny_linear,
 )
 from torch import nn
 
@@ -165,6 +170,28 @@ def test_a_kink_crossed_at_every_step_raises_naming_the_batch():
 
 
 # ----------------------------------------------------------- the scheme, the step and the precision
+@pytest.mark.parametrize("scheme", ["backward", "", None])
+def test_an_unknown_scheme_is_rejected(scheme):
+    with pytest.raises(ValueError, match=r"scheme must be one of \('central', 'forward'\)"):
+        FiniteDifferenceHessianOperator(tiny_linear(), nn.MSELoss(), tiny_batch(), scheme=scheme)
+    func, params = tiny_closure()
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        FiniteDifferenceHessianOperator.from_function(func, params, scheme=scheme)
+
+
+@pytest.mark.parametrize("eps", [0, -1e-3, float("nan"), float("inf"), "1e-3", True])
+def test_a_bad_step_is_rejected(eps):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite real number, got"):
+        FiniteDifferenceHessianOperator(tiny_linear(), nn.MSELoss(), tiny_batch(), eps=eps)
+
+
+def test_a_valid_step_is_accepted():
+    op = FiniteDifferenceHessianOperator(
+        tiny_linear(), nn.MSELoss(), tiny_batch(), eps=np.float32(1e-4)
+    )
+    assert op.apply(torch.ones(TINY_N, dtype=F64)).isfinite().all()
+
+
 def test_an_unknown_precision_is_refused():
     model, data = CASES["mlp-150"]()
     with pytest.raises(ValueError, match=r"precision must be one of \('float64', 'native'\)"):

@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    F64,
     KERNELS,
+    TINY_N,
     Case,
     build_operator,
     check_products_match_dense_truth,
     dense_ggn,
+    tiny_batch,
+    tiny_linear,
 )
 from torch import nn
 
@@ -48,3 +52,21 @@ def test_ggn_equals_hessian_for_linear_model_and_convex_loss():
     ggn = GaussNewtonOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
     hessian = HessianOperator(model, nn.CrossEntropyLoss(), (x, y)).to_dense()
     np.testing.assert_allclose(ggn, hessian, atol=1e-12)
+
+
+# --------------------------------------------------------------------- the model's output
+def test_ggn_requires_a_tensor_output():
+    class DictOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = tiny_linear()
+
+        def forward(self, x):
+            return {"logits": self.layer(x)}
+
+    op = GaussNewtonOperator(DictOutput(), nn.MSELoss(), tiny_batch())
+    with pytest.raises(
+        TypeError,
+        match=r"the model returned a dict with keys \['logits'\].*pass output=\"logits\"",
+    ):
+        op.apply(torch.zeros(TINY_N, dtype=F64))
