@@ -4,13 +4,27 @@ a call creates); blocks multiplied in torch; the operator checked, and its symme
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from conftest import conv_hessian, skewed
+from linalg_cases import SMALL_N, ProductLog
 from scipy.sparse.linalg import aslinearoperator
 
 import curvop
+from curvop import (
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    solve_damped,
+    spectral_density,
+    top_eigenvalues,
+    xdiag,
+    xtrace,
+)
 from curvop.memory import peak_tensor_bytes
 from curvop.operators import base as base_module
 
@@ -68,7 +82,58 @@ def test_memory_gb_is_checked():
     assert np.isfinite(curvop.hutchinson_trace(op, 3, seed=0, memory_gb=None).value)
 
 
+# ------------------------------------------------------- every algorithm multiplies blocks in torch
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        (lambda op: hutchinson_trace(op, 12, seed=0), [12]),
+        (lambda op: hutchinson_diagonal(op, 12, seed=0), [12]),
+        (lambda op: hutchpp_trace(op, 12, seed=0), [4, 8]),
+        (lambda op: xtrace(op, 12, seed=0), [6, 6]),
+        (lambda op: xdiag(op, 12, seed=0), [6, 6]),
+        (lambda op: lanczos(op, 7, seed=0), [1] * 7),
+        (lambda op: spectral_density(op, num_probes=5, num_steps=7, seed=0), [5] * 7),
+        (
+            lambda op: spectral_density(op, method="kpm", num_probes=5, num_steps=9, seed=0),
+            [1] * 20 + [5] * math.ceil((9 - 1) / 2),
+        ),
+    ],
+)
+def test_estimators_multiply_blocks_in_torch(H, run, expected, monkeypatch):
+    log = ProductLog(H, monkeypatch)
+    run(H)
+    assert log.columns == expected
+
+
 # ------------------------------------------------------------- the operator: checked, and symmetric
+B = np.ones(SMALL_N)
+
+FUNCTIONS = {
+    "top_eigenvalues": lambda op: top_eigenvalues(op),
+    "solve_damped": lambda op: solve_damped(op, B, 0.1),
+    "lanczos": lambda op: lanczos(op, 3),
+    "hutchinson_trace": lambda op: hutchinson_trace(op, 4),
+    "hutchpp_trace": lambda op: hutchpp_trace(op, 4),
+    "xtrace": lambda op: xtrace(op, 4),
+    "hutchinson_diagonal": lambda op: hutchinson_diagonal(op, 4),
+    "xdiag": lambda op: xdiag(op, 4),
+    "spectral_density": lambda op: spectral_density(op),
+}
+
+BAD_OPERATORS = [
+    ("not an operator", TypeError, "op must be a scipy.sparse.linalg.LinearOperator"),
+    (aslinearoperator(np.zeros((3, 4))), ValueError, r"op must be a square.*\(3, 4\)"),
+    (aslinearoperator(np.eye(3, dtype=complex)), TypeError, "op must be real"),
+]
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+@pytest.mark.parametrize(("op", "error", "match"), BAD_OPERATORS, ids=["type", "shape", "complex"])
+def test_every_function_checks_the_operator(name, op, error, match):
+    with pytest.raises(error, match=match):
+        FUNCTIONS[name](op)
+
+
 @pytest.mark.parametrize(
     "run",
     [

@@ -19,7 +19,7 @@ from conftest import (
     tiny_closure,
     tiny_operator,
 )
-from linalg_cases import hessian, rotated
+from linalg_cases import GGN_RANK, hessian, rotated
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, eigsh
 from torch import nn
 
@@ -31,6 +31,8 @@ from curvop import (
     LinearCombination,
     ProductCost,
     exact_hvp,
+    top_eigenvalues,
+    xtrace,
 )
 
 
@@ -94,6 +96,15 @@ def test_a_foreign_operator_in_a_sum_is_multiplied_through_numpy(curvature_pair)
     combined = H + sla.aslinearoperator(M)
     V = torch.randn(n, 2, dtype=F64)
     torch.testing.assert_close(combined @ V, (A + torch.from_numpy(M)) @ V)
+
+
+def test_sums_with_scipy_operators_work(G, dense):
+    """A SciPy operator in a sum is multiplied through its matmat; the curvature stays torch."""
+    shifted = G + aslinearoperator(np.eye(G.shape[0])) * 0.5
+    values = top_eigenvalues(shifted, 2, which="SA", seed=0)
+    np.testing.assert_allclose(values, [0.5, 0.5], atol=1e-10)
+    estimate = xtrace(shifted, 2 * (GGN_RANK + 1) + 2, seed=0)
+    assert estimate.value == pytest.approx(np.trace(dense["G"]) + 0.5 * G.shape[0], rel=0.05)
 
 
 def test_terms_must_agree(curvature_pair):
