@@ -1,7 +1,15 @@
-"""Small float64 problems and their dense curvature, computed independently with torch.func.
+"""Shared fixtures and helpers of the tests; every test file may import from here.
 
-Each case is one line in ``CASES``; every operator test runs over all of them and compares with
-``dense_hessian`` / ``dense_ggn``, which evaluate the full loss as a function of one flat vector.
+- The cases: small float64 problems (``CASES``, the ``case`` fixture) and their dense curvature,
+  computed independently with torch.func: ``dense_hessian`` / ``dense_ggn`` evaluate the full
+  loss as a function of one flat vector; ``model_snapshot`` / ``assert_model_unchanged``.
+- Operators built on the cases (``build_operator``) and the products check every operator passes
+  (``check_products_match_dense_truth``).
+- Small problems for the operators' edge cases: a tanh MLP on regression data (``small_mlp``,
+  ``regression_data``), a linear model for argument checks (``tiny_*``), a float32 conv net
+  (``conv_hessian``), a ReLU MLP and a Hessian with a skew-symmetric part (``skewed``).
+- Fixtures of curvop operators on the tiny MLP of ``linalg_cases`` (``H``, ``G``, ``dense``,
+  ``curvature_pair``).
 """
 
 from __future__ import annotations
@@ -14,11 +22,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from linalg_cases import gauss_newton, hessian
 from torch import nn
 from torch.func import functional_call
 
+import curvop
+from curvop import FiniteDifferenceHessianOperator, GaussNewtonOperator, HessianOperator
+
+# -------------------------------------- the cases: small float64 problems and their dense curvature
 F64 = torch.float64
 
 
@@ -226,3 +240,186 @@ def assert_model_unchanged(model: nn.Module, snapshot: dict) -> None:
     assert snapshot["requires_grad"] == after["requires_grad"]
     assert all(g is None for g in after["grads"].values()) or snapshot["grads"] == after["grads"]
     assert snapshot["training"] == after["training"]
+
+
+# --------------------------------------------------------------------- operators on the cases
+OPERATOR_KINDS = {
+    "hessian": (HessianOperator, dense_hessian, 1e-10),
+    "ggn": (GaussNewtonOperator, dense_ggn, 1e-10),
+    "fd": (FiniteDifferenceHessianOperator, dense_hessian, 1e-6),
+}
+
+KERNELS = ["batched", "looped", "forward"]
+
+
+def build_operator(kind: str, case: Case, kernel: str | None = "auto"):
+    cls = OPERATOR_KINDS[kind][0]
+    options = {} if kind == "fd" else {"kernel": kernel}
+    return cls(case.model, case.loss_fn, case.data, case.params, **options)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def check_products_match_dense_truth(kind: str, case: Case, kernel: str | None) -> None:
+    """Every way to multiply (``@``, ``matvec``, ``rmatvec``, ``matmat``, ``apply``, ``to_dense``)
+    with the ``kind`` operator and ``kernel`` on ``case``, against the dense float64 truth; the
+    model left unchanged."""
+    _, truth_of, tolerance = OPERATOR_KINDS[kind]
+    truth = truth_of(case).numpy()
+    snapshot = model_snapshot(case.model)
+    op = build_operator(kind, case, kernel)
+    n = truth.shape[0]
+    assert op.shape == (n, n) and op.dtype == np.float64 and op.layout.size == n
+    rng = np.random.default_rng(0)
+    x, X = rng.standard_normal(n), rng.standard_normal((n, 3))
+
+    assert relative_error(op @ x, truth @ x) < tolerance
+    assert relative_error(op.matvec(x), truth @ x) < tolerance
+    assert relative_error(op.rmatvec(x), truth @ x) < tolerance
+    assert relative_error(op.matmat(X), truth @ X) < tolerance
+    assert relative_error(op @ X, truth @ X) < tolerance
+    assert relative_error(op.matvec(x[:, None]).ravel(), truth @ x) < tolerance
+    applied = op.apply(torch.as_tensor(X))
+    assert isinstance(applied, torch.Tensor) and applied.shape == (n, 3)
+    assert relative_error(applied.numpy(), truth @ X) < tolerance
+    assert relative_error(op.to_dense(), truth) < tolerance
+    assert_model_unchanged(case.model, snapshot)
+
+
+# ------------------------------------------------ a tanh MLP on regression data, split into batches
+OPERATOR_CLASSES = [HessianOperator, GaussNewtonOperator, FiniteDifferenceHessianOperator]
+OPERATOR_IDS = ["hessian", "ggn", "fd"]
+by_operator = pytest.mark.parametrize("cls", OPERATOR_CLASSES, ids=OPERATOR_IDS)
+
+
+def small_mlp(*middle: nn.Module, width: int = 5, seed: int = 0) -> nn.Module:
+    """``Linear(3, width) -> middle -> Tanh -> Linear(width, 2)`` in float64."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, width), *middle, nn.Tanh(), nn.Linear(width, 2)).double()
+
+
+def regression_data(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=generator, dtype=F64), torch.randn(
+        n, 2, generator=generator, dtype=F64
+    )
+
+
+def split_batches(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[tuple]:
+    return list(zip(x.split(sizes), y.split(sizes), strict=True))
+
+
+def random_vector(op, k: int | None = None, seed: int = 1) -> torch.Tensor:
+    shape = (op.shape[0],) if k is None else (op.shape[0], k)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=op.layout.dtype)
+
+
+# ----------------------------------------------------------- a linear model for the argument checks
+TINY_N = 3 * 2 + 2  # parameters of nn.Linear(3, 2)
+
+
+def tiny_linear() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Linear(3, 2).double()
+
+
+def tiny_batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=generator, dtype=F64), torch.randn(
+        n, 2, generator=generator, dtype=F64
+    )
+
+
+def tiny_operator(cls=HessianOperator):
+    return cls(tiny_linear(), nn.MSELoss(), tiny_batch())
+
+
+def tiny_closure() -> tuple:
+    """``func`` and its two parameters (a (2, 3) matrix and a (3,) vector)."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, generator=generator, dtype=F64, requires_grad=True)
+    b = torch.randn(3, generator=generator, dtype=F64, requires_grad=True)
+    return (lambda: (torch.tanh(w.sum(0) * b) ** 2).sum()), [w, b]
+
+
+# -------------------------------- larger problems: a float32 conv net, a ReLU MLP, a skewed Hessian
+def conv_hessian(kernel: str = "auto") -> curvop.HessianOperator:
+    """A small float32 conv net whose products hold several MiB of graph per column."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        )  # fmt: skip
+    x = torch.randn(96, 3, 16, 16, generator=generator)
+    y = torch.randint(0, 10, (96,), generator=generator)
+    data = [(x[:48], y[:48]), (x[48:], y[48:])]
+    return curvop.HessianOperator(model, nn.CrossEntropyLoss(), data, kernel=kernel)
+
+
+def relu_mlp(seed: int) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+
+def relu_mlp_data(samples: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 64, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+    return [(x[:100], y[:100]), (x[100:], y[100:])]
+
+
+class SkewedHessian(HessianOperator):
+    """The Hessian plus a skew-symmetric part: not symmetric, as FD across kinks once was."""
+
+    def __init__(self, *args, skew: float):
+        super().__init__(*args)
+        n = self.shape[0]
+        S = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.skew = skew * (S - S.T)
+
+    def _block_product(self, V: torch.Tensor, memory_bytes: int | None) -> torch.Tensor:
+        return super()._block_product(V, memory_bytes) + self.skew.to(V.dtype) @ V
+
+
+def skewed(skew: float) -> SkewedHessian:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 2, generator=generator, dtype=torch.float64)
+    return SkewedHessian(model, nn.MSELoss(), (x, y), skew=skew)
+
+
+# ------------------------------------------------- curvop operators on the tiny MLP of linalg_cases
+@pytest.fixture(scope="module")
+def H():
+    return hessian()
+
+
+@pytest.fixture(scope="module")
+def G():
+    return gauss_newton()
+
+
+@pytest.fixture(scope="module")
+def dense(H, G):
+    return {"H": H.to_dense(), "G": G.to_dense()}
+
+
+@pytest.fixture
+def curvature_pair():
+    H, G = hessian(), gauss_newton()
+    return H, G, torch.from_numpy(H.to_dense()), torch.from_numpy(G.to_dense())

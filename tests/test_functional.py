@@ -1,10 +1,22 @@
-"""The reference functional API against the same dense matrices as the operators."""
+"""The reference functional API (curvop.functional) against the same dense matrices as the
+operators, and the arguments it checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_model_unchanged, dense_ggn, dense_hessian, make_case, model_snapshot
+from conftest import (
+    F64,
+    TINY_N,
+    assert_model_unchanged,
+    dense_ggn,
+    dense_hessian,
+    make_case,
+    model_snapshot,
+    tiny_batch,
+    tiny_closure,
+    tiny_linear,
+)
 from torch import nn
 
 from curvop import (
@@ -27,6 +39,7 @@ def problem():
     return case, x, y, params, layout, v
 
 
+# ----------------------------------------------------------------- products against the dense truth
 def test_exact_and_model_hvp(problem):
     case, x, y, params, layout, v = problem
     expected = dense_hessian(case) @ v
@@ -190,9 +203,66 @@ def test_stochastic_closure_draws_fresh_numbers_unless_seeded():
     )
 
 
+# --------------------------------------------------------------------- argument checks
 def test_model_with_a_frozen_parameter_is_named():
     model = nn.Linear(3, 2).double()
     model.bias.requires_grad_(False)
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"model.parameters\(\).*\['bias'\]"):
         model_hvp(model, nn.MSELoss(), x, y, [torch.ones(2, 3, dtype=torch.float64)] * 2)
+
+
+FUNCTIONAL = {
+    "exact_hvp": lambda func, params, v: exact_hvp(func, params, v),
+    "approximate_hvp": lambda func, params, v: approximate_hvp(func, params, v),
+}
+
+
+@pytest.mark.parametrize("function", FUNCTIONAL)
+def test_functional_v_of_the_wrong_count_or_shape(function):
+    func, params = tiny_closure()
+    with pytest.raises(ValueError, match="v must hold 2 tensors, got 1"):
+        FUNCTIONAL[function](func, params, [torch.zeros(2, 3, dtype=F64)])
+    with pytest.raises(ValueError, match=r"v\[1\] must have shape \(3,\), got \(4,\)"):
+        FUNCTIONAL[function](
+            func, params, [torch.zeros(2, 3, dtype=F64), torch.zeros(4, dtype=F64)]
+        )
+    with pytest.raises(TypeError, match="v must be a tensor or a sequence of tensors, got float"):
+        FUNCTIONAL[function](func, params, 1.0)
+
+
+@pytest.mark.parametrize("function", FUNCTIONAL)
+def test_functional_v_of_another_dtype(function):
+    func, params = tiny_closure()
+    with pytest.raises(
+        ValueError, match="v must have dtype torch.float64 .* got dtype torch.float32"
+    ):
+        FUNCTIONAL[function](func, params, [torch.zeros(2, 3), torch.zeros(3)])
+
+
+@pytest.mark.parametrize("product", [model_hvp, gauss_newton_product])
+def test_model_functions_validate_v_and_y(product):
+    x, y = tiny_batch()
+    with pytest.raises(ValueError, match=r"v\[0\] must have shape \(2, 3\), got \(3, 2\)"):
+        product(tiny_linear(), nn.MSELoss(), x, y, [torch.zeros(3, 2, dtype=F64), torch.zeros(2)])
+    with pytest.raises(TypeError, match="y must be a tensor of targets, got list"):
+        product(tiny_linear(), nn.MSELoss(), x, y.tolist(), torch.zeros(TINY_N, dtype=F64))
+
+
+@pytest.mark.parametrize("damping", [float("nan"), float("inf"), "0.1", None])
+def test_approximate_hvp_rejects_a_bad_damping(damping):
+    func, params = tiny_closure()
+    with pytest.raises(ValueError, match="damping must be a finite real number"):
+        approximate_hvp(
+            func, params, [torch.zeros(2, 3, dtype=F64), torch.zeros(3, dtype=F64)], damping=damping
+        )
+
+
+@pytest.mark.parametrize("num_samples", [0, -1, 1.5, True])
+def test_sample_counts_must_be_positive_integers(num_samples):
+    func, params = tiny_closure()
+    v = [torch.zeros(2, 3, dtype=F64), torch.zeros(3, dtype=F64)]
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        approximate_hvp(func, params, v, num_samples=num_samples)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        hessian_trace(func, params, num_samples=num_samples)

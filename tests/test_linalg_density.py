@@ -1,15 +1,18 @@
-"""Spectral densities: normalization, coverage, moments; SLQ quadrature; plotting."""
+"""Spectral densities (curvop.linalg.density): normalization, coverage, moments; SLQ
+quadrature; memory budgets; on curvop operators; plotting (log limits from the peak); the
+SpectralDensity's short repr; the arguments it checks."""
 
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from linalg_cases import SPECTRA, N, dense_case, hutchinson_std
+from linalg_cases import MAX_LENGTH, SMALL_OP, SPECTRA, N, dense_case, hutchinson_std
 from scipy.integrate import trapezoid
 from scipy.sparse.linalg import aslinearoperator
 
 from curvop import SpectralDensity, spectral_density
+from curvop.linalg.density import LOG_FLOOR, LOG_HEADROOM
 
 NUM_PROBES = 10
 
@@ -18,6 +21,7 @@ def moment(result: SpectralDensity, power: int) -> float:
     return float(trapezoid(result.grid**power * result.density, result.grid))
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 @pytest.mark.parametrize("name", list(SPECTRA))
 @pytest.mark.parametrize("method", ["slq", "kpm"])
 def test_density_is_normalized_covers_the_spectrum_and_has_the_right_moments(name, method):
@@ -80,26 +84,6 @@ def test_kpm_has_no_quadrature():
 def test_identity_gives_a_single_peak():
     result = spectral_density(aslinearoperator(np.eye(30)), num_probes=2, num_steps=5, seed=0)
     assert result.grid[np.argmax(result.density)] == pytest.approx(1.0, abs=0.01)
-
-
-def test_plot_draws_on_given_axes_with_a_log_option():
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    op, _, _ = dense_case("zero_cluster")
-    result = spectral_density(op, num_probes=2, num_steps=20, seed=0)
-    figure, ax = plt.subplots()
-    assert result.plot(ax, log=True, color="red") is ax
-    assert ax.get_yscale() == "log" and len(ax.lines) == 1
-    assert result.plot().get_yscale() == "linear"
-    plt.close("all")
-    del figure
-
-
-def test_importing_curvop_does_not_import_matplotlib():
-    code = "import sys, curvop; assert 'matplotlib' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("method", ["slq", "kpm"])
@@ -185,3 +169,152 @@ def test_kpm_raises_when_the_spectrum_leaves_its_bounds(monkeypatch):
     monkeypatch.setattr(density_module, "_spectrum_bounds", lambda work, generator: (0.0, 1.0))
     with pytest.raises(RuntimeError, match=r"KPM: the spectrum reaches beyond the bounds"):
         spectral_density(aslinearoperator(outlier_off_the_axes()), method="kpm", seed=0)
+
+
+# --------------------------------------------------------------------- on curvop operators
+@pytest.mark.parametrize("method", ["slq", "kpm"])
+@pytest.mark.parametrize("name", ["H", "G"])
+def test_density_moments_match_the_dense_matrix(H, G, dense, name, method):
+    A, op = dense[name], {"H": H, "G": G}[name]
+    n = A.shape[0]
+    result = spectral_density(op, method=method, num_probes=10, num_steps=40, seed=0)
+    eigenvalues = np.linalg.eigvalsh(A)
+    width = eigenvalues[-1] - eigenvalues[0]
+    first = trapezoid(result.grid * result.density, result.grid)
+    second = trapezoid(result.grid**2 * result.density, result.grid)
+    second -= result.sigma**2 if method == "slq" else 0.0
+    assert first == pytest.approx(np.trace(A) / n, abs=4 * hutchinson_std(A, 10) / n + 1e-4 * width)
+    assert second == pytest.approx(
+        np.sum(A**2) / n, abs=4 * hutchinson_std(A @ A, 10) / n + 1e-3 * width**2
+    )
+
+
+# ------------------ plotting; with log=True the y-axis ends just above the peak and keeps its floor
+@pytest.fixture
+def plt():
+    """matplotlib.pyplot on the Agg backend; the test is skipped without matplotlib."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@pytest.fixture
+def ax(plt):
+    figure, ax = plt.subplots()
+    yield ax
+    plt.close(figure)
+
+
+def test_plot_draws_on_given_axes_with_a_log_option():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    op, _, _ = dense_case("zero_cluster")
+    result = spectral_density(op, num_probes=2, num_steps=20, seed=0)
+    figure, ax = plt.subplots()
+    assert result.plot(ax, log=True, color="red") is ax
+    assert ax.get_yscale() == "log" and len(ax.lines) == 1
+    assert result.plot().get_yscale() == "linear"
+    plt.close("all")
+    del figure
+
+
+def test_importing_curvop_does_not_import_matplotlib():
+    code = "import sys, curvop; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method", ["slq", "kpm"])
+def test_log_limits_come_from_the_peak(ax, method):
+    op, _, _ = dense_case("zero_cluster")  # a spike at zero: the case the log scale is for
+    density = spectral_density(op, method=method, num_probes=4, num_steps=40, seed=0)
+    peak = float(density.density.max())
+    density.plot(ax, log=True)
+    ax.figure.canvas.draw()  # limits as drawn, after any pending autoscaling
+    bottom, top = ax.get_ylim()
+    assert bottom == pytest.approx(LOG_FLOOR * peak)
+    assert top == pytest.approx(LOG_HEADROOM * peak)
+    assert peak < top <= 10 * peak  # under a decade of empty space above the curve
+
+
+def test_default_axes_too(plt):
+    density = SpectralDensity(np.linspace(-1, 1, 5), np.array([1e-12, 0.1, 2.0, 0.1, 1e-12]), "kpm")
+    ax = density.plot(log=True)
+    try:
+        assert ax.get_ylim() == pytest.approx((LOG_FLOOR * 2.0, LOG_HEADROOM * 2.0))
+    finally:
+        plt.close(ax.figure)
+
+
+def test_overlays_are_not_clipped(ax):
+    """Several densities (or a histogram) on one axes: the limits cover the highest of them."""
+    grid = np.linspace(-1, 1, 101)
+    tall = SpectralDensity(grid, np.exp(-(grid**2) / 0.001), "kpm")
+    flat = SpectralDensity(grid, np.exp(-(grid**2) / 0.5), "kpm")
+    ax.hist([0.0] * 90 + [0.5] * 10, bins=50, density=True)
+    histogram_top = ax.dataLim.y1
+    tall.plot(ax, log=True)
+    flat.plot(ax, log=True)  # drawn last, with the lowest peak
+    peak = max(histogram_top, tall.density.max())
+    assert ax.get_ylim() == pytest.approx((LOG_FLOOR * peak, LOG_HEADROOM * peak))
+
+
+def test_linear_scale_is_left_to_matplotlib(ax):
+    density = SpectralDensity(np.linspace(0, 1, 3), np.array([0.5, 1.5, 0.5]), "kpm")
+    density.plot(ax)
+    assert ax.get_yscale() == "linear"
+    assert ax.get_autoscaley_on()
+
+
+# --------------------------------------------------------------------- SpectralDensity
+def test_slq_density_repr():
+    op, _, _ = dense_case("decaying")
+    density = spectral_density(op, num_probes=3, num_steps=12, num_points=4000, seed=0)
+    text = repr(density)
+    assert str(density) == text
+    assert "\n" not in text and len(text) <= MAX_LENGTH
+    assert text.startswith("<SpectralDensity") and "'slq'" in text
+    assert "4000 grid points" in text
+    assert f"[{density.grid[0]:.4g}, {density.grid[-1]:.4g}]" in text
+    assert "3 probes x 12 steps" in text
+    assert f"sigma={density.sigma:.3g}" in text
+
+
+def test_kpm_density_repr():
+    op, _, _ = dense_case("decaying")
+    density = spectral_density(op, method="kpm", num_points=5000, seed=0)
+    text = repr(density)
+    assert "\n" not in text and len(text) <= MAX_LENGTH
+    assert "'kpm'" in text and "5000 grid points" in text
+    assert f"[{density.grid[0]:.4g}, {density.grid[-1]:.4g}]" in text
+    assert "probes" not in text and "sigma" not in text
+
+
+def test_density_is_still_a_frozen_dataclass_with_its_fields():
+    import dataclasses
+
+    fields = [field.name for field in dataclasses.fields(SpectralDensity)]
+    assert fields == ["grid", "density", "method", "nodes", "weights", "sigma"]
+    density = SpectralDensity(np.linspace(0, 1, 3), np.ones(3), "kpm")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        density.method = "slq"
+
+
+# --------------------------------------------------------------------- argument checks
+BAD_ARGUMENTS = [
+    (lambda: spectral_density(SMALL_OP, method="exact"), ValueError, "method must be one of"),
+    (lambda: spectral_density(SMALL_OP, num_probes=0), ValueError, "num_probes must be a positive"),
+    (lambda: spectral_density(SMALL_OP, num_steps=1.5), ValueError, "num_steps must be a positive"),
+    (lambda: spectral_density(SMALL_OP, num_points=1), ValueError, "num_points must be at least 2"),
+    (lambda: spectral_density(SMALL_OP, sigma=0.0), ValueError, "sigma must be a positive"),
+    (lambda: spectral_density(SMALL_OP, method="kpm", sigma=0.1), ValueError, "sigma applies to"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

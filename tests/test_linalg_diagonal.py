@@ -1,9 +1,21 @@
-"""Diagonal estimators: Hutchinson's variance, XDiag's exactness and accuracy."""
+"""Diagonal estimators (curvop.linalg.diagonal): Hutchinson's variance, XDiag's exactness and
+accuracy, any budget; the arguments they check."""
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, dense_case, rotated
+from hypothesis import given
+from hypothesis import strategies as st
+from linalg_cases import (
+    OUTLIERS,
+    SMALL_OP,
+    CountingOperator,
+    budget_settings,
+    dense_case,
+    matrices,
+    rotated,
+    scale,
+)
 from scipy.sparse.linalg import aslinearoperator
 
 from curvop import hutchinson_diagonal, xdiag
@@ -12,6 +24,7 @@ from curvop.linalg.probes import draw_probes, make_generator
 SEEDS = range(10)
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 def test_hutchinson_diagonal_error_matches_its_variance():
     """Entry j has variance sum_{k != j} A_jk^2 / m."""
     op, A, _ = dense_case("indefinite")
@@ -71,3 +84,45 @@ def test_diagonal_estimators_under_a_small_memory_budget():
     np.testing.assert_allclose(
         xdiag(op, 40, seed=0, memory_gb=1e-6), xdiag(op, 40, seed=0), rtol=1e-3, atol=1e-4
     )
+
+
+# --------------------------------------------------------------------- any budget on any size
+DIAGONAL_ESTIMATORS = {"hutchinson_diagonal": (hutchinson_diagonal, 1), "xdiag": (xdiag, 2)}
+
+
+@budget_settings
+@given(
+    A=matrices(),
+    name=st.sampled_from(sorted(DIAGONAL_ESTIMATORS)),
+    budget_fraction=st.floats(0, 3.2),
+    seed=st.integers(0, 2**16),
+)
+def test_diagonal_estimators_take_any_budget(A, name, budget_fraction, seed):
+    estimator, minimum = DIAGONAL_ESTIMATORS[name]
+    n = len(A)
+    budget = max(min(minimum, n), round(budget_fraction * n))
+    op = CountingOperator(A)
+    estimate = estimator(op, budget, seed=seed)
+    assert isinstance(estimate, np.ndarray) and estimate.shape == (n,)
+    assert estimate.dtype == np.float64 and np.all(np.isfinite(estimate))
+    assert op.products <= budget
+    if budget >= n:
+        assert op.products == n
+        np.testing.assert_allclose(estimate, np.diag(A), rtol=0, atol=1e-12 * scale(A))
+
+
+# --------------------------------------------------------------------- argument checks
+BAD_ARGUMENTS = [
+    (
+        lambda: hutchinson_diagonal(SMALL_OP, -2),
+        ValueError,
+        "num_matvecs must be a positive integer",
+    ),
+    (lambda: xdiag(SMALL_OP, 1), ValueError, "num_matvecs must be at least 2 for xdiag"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

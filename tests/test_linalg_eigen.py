@@ -1,12 +1,37 @@
-"""top_eigenvalues against dense matrices of known spectrum."""
+"""top_eigenvalues (curvop.linalg.eigen): against dense matrices of known spectrum, on curvop
+operators (float32 ones included), and the arguments it checks."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, SPECTRA, N, dense_case, rotated
-from scipy.sparse.linalg import LinearOperator, aslinearoperator
+from conftest import by_operator, split_batches
+from linalg_cases import (
+    GGN_RANK,
+    OUTLIERS,
+    SMALL_N,
+    SMALL_OP,
+    SPECTRA,
+    N,
+    ProductLog,
+    dense_case,
+    mlp_problem,
+    rotated,
+)
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, eigsh
+from torch import nn
 
-from curvop import BlockOperator, ConvergenceWarning, ProductCost, count_products, top_eigenvalues
+import curvop
+from curvop import (
+    BlockOperator,
+    ConvergenceWarning,
+    GaussNewtonOperator,
+    HessianOperator,
+    ProductCost,
+    count_products,
+    top_eigenvalues,
+)
 from curvop.linalg.eigen import _basis_size
 from curvop.linalg.workspace import Workspace
 
@@ -30,6 +55,7 @@ def counting_operator(A: np.ndarray) -> tuple[LinearOperator, list[int]]:
     return LinearOperator(A.shape, matvec=matmat, matmat=matmat, dtype=A.dtype), columns
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 CASES = [(name, which) for name in SPECTRA for which in ("LA", "LM", "SA")]
 CASES.remove(("decaying", "SA"))  # a graded cluster at the wanted end: see the test below
 
@@ -333,3 +359,123 @@ def test_a_run_that_cannot_converge_warns_and_says_how_accurate_it_is():
     with pytest.warns(ConvergenceWarning, match=r"converged to tol=1e-14.*within .* \* \|\|A\|\|"):
         values = top_eigenvalues(op, 4, which="SA", seed=0, ncv=20, maxiter=30, tol=1e-14)
     assert values.shape == (4,) and np.all(np.isfinite(values))
+
+
+# --------------------------------------------------------------------- on curvop operators
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_hessian_extreme_eigenvalues(H, dense, which):
+    eigenvalues = np.linalg.eigvalsh(dense["H"])
+    expected = {
+        "LA": eigenvalues[::-1][:3],
+        "SA": eigenvalues[:3],
+        "LM": eigenvalues[np.argsort(-np.abs(eigenvalues))][:3],
+    }[which]
+    values, vectors = top_eigenvalues(H, 3, which=which, return_eigenvectors=True, seed=0)
+    np.testing.assert_allclose(values, expected, atol=1e-10)
+    np.testing.assert_allclose(dense["H"] @ vectors, vectors * values, atol=1e-8)
+
+
+def test_gauss_newton_bottom_is_its_zero_cluster(G, dense):
+    assert np.linalg.matrix_rank(dense["G"]) == GGN_RANK
+    for seed in range(5):
+        np.testing.assert_allclose(top_eigenvalues(G, 3, which="SA", seed=seed), 0.0, atol=1e-10)
+
+
+def test_float32_model_top_eigenvalue_within_1e4_of_float64_truth():
+    model, loss_fn, (x, y) = mlp_problem(torch.float32)
+    truth_operator = curvop.HessianOperator(
+        copy.deepcopy(model).double(), loss_fn, (x.double(), y.double())
+    )
+    truth = np.linalg.eigvalsh(truth_operator.to_dense())[::-1][:2]
+    for seed in range(3):
+        values = top_eigenvalues(curvop.HessianOperator(model, loss_fn, (x, y)), 2, seed=seed)
+        np.testing.assert_allclose(values, truth, rtol=1e-4)
+
+
+def float32_problem(cls) -> tuple:
+    """An operator on a float32 classifier (three batches, a short last one) and the exact top
+    eigenvalue of the float64 twin (same weights, same data), from the dense matrix."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+        )
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=generator)
+    y = torch.randint(0, 3, (96,), generator=generator)
+    batches = split_batches(x, y, [40, 40, 16])
+    op32 = cls(model, nn.CrossEntropyLoss(), batches)
+    twin = copy.deepcopy(model).double()
+    exact = GaussNewtonOperator if cls is GaussNewtonOperator else HessianOperator
+    op64 = exact(twin, nn.CrossEntropyLoss(), [(xb.double(), yb) for xb, yb in batches])
+    assert op32.dtype == np.float32 and op64.dtype == np.float64
+    return op32, float(np.linalg.eigvalsh(op64.to_dense())[-1])
+
+
+@by_operator
+def test_float32_top_eigenvalue_from_eigsh_matches_float64_truth(cls):
+    op32, truth = float32_problem(cls)
+    v0 = np.random.default_rng(0).standard_normal(op32.shape[0])
+    top = float(eigsh(op32, k=1, which="LA", v0=v0, return_eigenvectors=False)[0])
+    assert abs(top - truth) <= 1e-4 * abs(truth)
+
+
+@by_operator
+def test_float32_top_eigenvalue_from_curvop_matches_float64_truth(cls):
+    op32, truth = float32_problem(cls)
+    top = float(np.max(curvop.top_eigenvalues(op32, k=1, seed=0)))
+    assert abs(top - truth) <= 1e-4 * abs(truth)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_bottom_of_a_rank_deficient_gauss_newton_costs_few_products(dtype, rtol, monkeypatch):
+    """The degenerate zero cluster of a real GGN (n = 136, rank 111, smallest positive eigenvalue
+    1e-4 of the norm): ARPACK with deflated searches needed 2500-5800 products in float64 and
+    1200 in float32, where it also returned a positive eigenvalue for a zero. The block method
+    must stay within a few hundred, multiplying blocks of k + 1 columns in torch."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4)
+        ).double()
+    x = torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 4, (300,), generator=generator)
+    data = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 300, 64)]
+    truth = np.linalg.eigvalsh(
+        curvop.GaussNewtonOperator(model, torch.nn.CrossEntropyLoss(), data).to_dense()
+    )
+    data = [(inputs.to(dtype), targets) for inputs, targets in data]
+    G = curvop.GaussNewtonOperator(model.to(dtype), torch.nn.CrossEntropyLoss(), data)
+    log = ProductLog(G, monkeypatch)
+    bottom = curvop.top_eigenvalues(G, 3, which="SA", seed=0)
+    np.testing.assert_allclose(bottom, truth[:3], atol=rtol * truth[-1])
+    assert sum(log.columns) < 400 and set(log.columns) == {4}
+
+
+# --------------------------------------------------------------------- argument checks
+BAD_ARGUMENTS = [
+    (lambda: top_eigenvalues(SMALL_OP, 0), ValueError, "k must be a positive integer"),
+    (lambda: top_eigenvalues(SMALL_OP, 2.0), ValueError, "k must be a positive integer"),
+    (
+        lambda: top_eigenvalues(SMALL_OP, SMALL_N + 1),
+        ValueError,
+        f"k must be at most n={SMALL_N}, got {SMALL_N + 1}",
+    ),
+    (lambda: top_eigenvalues(SMALL_OP, which="BE"), ValueError, "which must be one of"),
+    (lambda: top_eigenvalues(SMALL_OP, tol=-1e-3), ValueError, "tol must be >= 0"),
+    (lambda: top_eigenvalues(SMALL_OP, tol=float("nan")), ValueError, "tol must be a finite"),
+    (lambda: top_eigenvalues(SMALL_OP, maxiter=0), ValueError, "maxiter must be a positive"),
+    (lambda: top_eigenvalues(SMALL_OP, 2, ncv=2), ValueError, "ncv must satisfy k < ncv <= n"),
+    (
+        lambda: top_eigenvalues(SMALL_OP, 2, ncv=SMALL_N + 1),
+        ValueError,
+        "ncv must satisfy k < ncv <= n",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1,19 +1,33 @@
-"""lanczos: extremes, the full spectrum without ghosts, early stopping."""
+"""lanczos (curvop.linalg.lanczos): extremes, the full spectrum without ghosts, early stopping,
+any number of steps; on a curvop operator; the arguments it checks."""
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, N, dense_case, rotated
+from hypothesis import given
+from hypothesis import strategies as st
+from linalg_cases import (
+    OUTLIERS,
+    SMALL_N,
+    SMALL_OP,
+    CountingOperator,
+    N,
+    budget_settings,
+    dense_case,
+    matrices,
+    rotated,
+)
 from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import aslinearoperator
 
-from curvop import lanczos
+from curvop import lanczos, spectral_density
 
 
 def ritz_values(alphas, betas):
     return eigh_tridiagonal(alphas, betas, eigvals_only=True)
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 def test_extremes_match_the_true_extremes():
     op, _, eigenvalues = dense_case("indefinite")
     alphas, betas = lanczos(op, 40, seed=0)
@@ -97,3 +111,55 @@ def test_a_graded_spectrum_runs_to_the_end_and_gives_the_right_quadrature():
     q = basis.T @ (v0 / np.linalg.norm(v0))
     exact = float(np.sum(q**2 * np.log(eigenvalues)))
     assert quadrature == pytest.approx(exact, abs=0.05)
+
+
+# --------------------------------------------------------------------- on curvop operators
+def test_lanczos_reproduces_the_hessian_spectrum(H, dense):
+    alphas, betas = lanczos(H, H.shape[0], seed=0)
+    ritz = eigh_tridiagonal(alphas, betas, eigvals_only=True)
+    np.testing.assert_allclose(ritz, np.linalg.eigvalsh(dense["H"]), atol=1e-10)
+
+
+# --------------------------------------------------------------------- any number of steps
+@budget_settings
+@given(A=matrices(max_size=40), step_fraction=st.floats(0, 3.2), seed=st.integers(0, 2**16))
+def test_lanczos_and_density_take_any_number_of_steps(A, step_fraction, seed):
+    """At most n Lanczos steps, one product each; from n steps on, the extreme Ritz values are
+    the extreme eigenvalues."""
+    n = len(A)
+    num_steps = max(1, round(step_fraction * n))
+    eigenvalues = np.linalg.eigvalsh(A)
+    tolerance = 1e-8 * (np.abs(eigenvalues).max() + 1e-300)
+    op = CountingOperator(A)
+    alphas, betas = lanczos(op, num_steps, seed=seed)
+    assert len(alphas) == op.products <= min(num_steps, n) and len(betas) == len(alphas) - 1
+    ritz = eigh_tridiagonal(alphas, betas, eigvals_only=True)
+    assert eigenvalues[0] - tolerance <= ritz.min() and ritz.max() <= eigenvalues[-1] + tolerance
+    if num_steps >= n:
+        assert ritz.min() == pytest.approx(eigenvalues[0], abs=tolerance)
+        assert ritz.max() == pytest.approx(eigenvalues[-1], abs=tolerance)
+    for method in ("slq", "kpm"):
+        op = CountingOperator(A)
+        result = spectral_density(op, method=method, num_probes=3, num_steps=num_steps, seed=seed)
+        assert np.all(np.isfinite(result.density)) and np.all(result.density >= 0)
+        if method == "slq":
+            assert op.products <= 3 * min(num_steps, n)
+
+
+# --------------------------------------------------------------------- argument checks
+BAD_ARGUMENTS = [
+    (lambda: lanczos(SMALL_OP, 0), ValueError, "num_steps must be a positive integer"),
+    (lambda: lanczos(SMALL_OP, 3, v0=np.ones(2)), ValueError, "v0 must have shape"),
+    (lambda: lanczos(SMALL_OP, 3, v0=np.zeros(SMALL_N)), ValueError, "v0 must be nonzero"),
+    (
+        lambda: lanczos(SMALL_OP, 3, v0=np.ones(SMALL_N), seed=0),
+        ValueError,
+        "give either v0 or seed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1,9 +1,14 @@
-"""Every randomized function is reproducible per seed and leaves the global RNGs alone."""
+"""Every randomized function checks its seed, is reproducible per seed and leaves the global RNGs
+alone.
+
+Cross-cutting: one promise of all the randomized calls (their private generators,
+curvop.linalg.probes), checked on each of them in one place.
+"""
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import dense_case, hessian
+from linalg_cases import SMALL_OP, dense_case, hessian
 
 from curvop import (
     hutchinson_diagonal,
@@ -16,6 +21,27 @@ from curvop import (
     xtrace,
 )
 
+# --------------------------------------------------------------------- the seed is checked
+SEEDED = {
+    "top_eigenvalues": lambda seed: top_eigenvalues(SMALL_OP, seed=seed),
+    "lanczos": lambda seed: lanczos(SMALL_OP, 3, seed=seed),
+    "hutchinson_trace": lambda seed: hutchinson_trace(SMALL_OP, 4, seed=seed),
+    "hutchpp_trace": lambda seed: hutchpp_trace(SMALL_OP, 4, seed=seed),
+    "xtrace": lambda seed: xtrace(SMALL_OP, 4, seed=seed),
+    "hutchinson_diagonal": lambda seed: hutchinson_diagonal(SMALL_OP, 4, seed=seed),
+    "xdiag": lambda seed: xdiag(SMALL_OP, 4, seed=seed),
+    "spectral_density": lambda seed: spectral_density(SMALL_OP, seed=seed),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+@pytest.mark.parametrize("seed", ["1", 1.5, True])
+def test_every_randomized_function_checks_the_seed(name, seed):
+    with pytest.raises(TypeError, match="seed must be None or an int"):
+        SEEDED[name](seed)
+
+
+# ----------------------------------------- reproducible per seed, the global random state untouched
 RUNS = {
     "top_eigenvalues": lambda op, seed: top_eigenvalues(op, 2, which="SA", seed=seed),
     "lanczos": lambda op, seed: np.concatenate(lanczos(op, 8, seed=seed)),

@@ -1,11 +1,12 @@
-"""solve_damped: both solvers to the requested tolerance, the kinds of b, the warning path."""
+"""solve_damped (curvop.linalg.solve): both solvers to the requested tolerance, the kinds of b,
+the warning path; on a curvop operator; SolveResult; the arguments it checks."""
 
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import N, dense_case
+from linalg_cases import MAX_LENGTH, SMALL_N, SMALL_OP, N, dense_case
 
 from curvop import ConvergenceWarning, SolveResult, solve_damped
 
@@ -16,6 +17,7 @@ def damped_residual(A, damping, x, b):
     return np.linalg.norm(b - (A + damping * np.eye(N)) @ np.asarray(x, dtype=np.float64))
 
 
+# --------------------------------------------------- both solvers, the kinds of b, the warning path
 @pytest.mark.parametrize(
     ("name", "damping", "method"),
     [
@@ -94,3 +96,97 @@ def test_unpacks_into_four_fields():
     op, _, _ = dense_case("decaying")
     x, converged, num_iterations, residual_norm = solve_damped(op, RHS, 0.1)
     assert converged and num_iterations > 0 and residual_norm >= 0 and x.shape == (N,)
+
+
+# --------------------------------------------------------------------- on curvop operators
+def test_damped_solve_on_the_gauss_newton(G, dense):
+    b = torch.linspace(-1, 1, G.shape[0], dtype=torch.float64)
+    result = solve_damped(G, b, 1e-3, rtol=1e-10)
+    assert isinstance(result.x, torch.Tensor) and result.converged
+    exact = np.linalg.solve(dense["G"] + 1e-3 * np.eye(G.shape[0]), b.numpy())
+    np.testing.assert_allclose(result.x.numpy(), exact, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- SolveResult
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_solve_result_repr(kind):
+    op, _, _ = dense_case("decaying")
+    rhs = np.ones(N) if kind == "numpy" else torch.ones(N, dtype=torch.float32)
+    result = solve_damped(op, rhs, 0.1)
+    text = repr(result)
+    assert str(result) == text
+    assert "\n" not in text and len(text) <= MAX_LENGTH
+    assert f"converged={result.converged}" in text
+    assert f"num_iterations={result.num_iterations}" in text
+    assert f"residual_norm={result.residual_norm:.3g}" in text
+    expected = "numpy.ndarray (40,) float64" if kind == "numpy" else "torch.Tensor (40,) float32"
+    assert expected.replace("40", str(N)) in text
+
+
+def test_solve_result_repr_of_a_huge_x_stays_short():
+    result = SolveResult(np.zeros(10**6), False, 500, 3.25)
+    assert repr(result) == (
+        "SolveResult(x=<numpy.ndarray (1000000,) float64>, converged=False, "
+        "num_iterations=500, residual_norm=3.25)"
+    )
+
+
+def test_solve_result_is_still_a_named_tuple():
+    x, converged, iterations, residual = result = SolveResult(np.ones(3), True, 4, 1e-9)
+    assert isinstance(result, tuple) and result._fields == (
+        "x",
+        "converged",
+        "num_iterations",
+        "residual_norm",
+    )
+    assert converged and iterations == 4 and residual == 1e-9 and x is result.x
+    assert result._replace(num_iterations=5).num_iterations == 5
+
+
+# --------------------------------------------------------------------- argument checks
+B = np.ones(SMALL_N)
+
+BAD_ARGUMENTS = [
+    (
+        lambda: solve_damped(SMALL_OP, np.ones(SMALL_N + 1), 0.1),
+        ValueError,
+        rf"b must have shape \({SMALL_N},\)",
+    ),
+    (lambda: solve_damped(SMALL_OP, np.ones((SMALL_N, 1)), 0.1), ValueError, "b must have shape"),
+    (
+        lambda: solve_damped(SMALL_OP, [1.0] * SMALL_N, 0.1),
+        TypeError,
+        "b must be a numpy array or a torch",
+    ),
+    (
+        lambda: solve_damped(SMALL_OP, np.ones(SMALL_N, complex), 0.1),
+        TypeError,
+        "b must have a real",
+    ),
+    (
+        lambda: solve_damped(SMALL_OP, torch.ones(SMALL_N, dtype=torch.complex64), 0.1),
+        TypeError,
+        "b must be real",
+    ),
+    (lambda: solve_damped(SMALL_OP, np.full(SMALL_N, np.nan), 0.1), ValueError, "b must be finite"),
+    (lambda: solve_damped(SMALL_OP, B, float("inf")), ValueError, "damping must be a finite"),
+    (lambda: solve_damped(SMALL_OP, B, "0.1"), ValueError, "damping must be a finite"),
+    (lambda: solve_damped(SMALL_OP, B, -0.1), ValueError, "damping must be >= 0 for method='cg'"),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, method="gmres"), ValueError, "method must be one of"),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, rtol=0.0), ValueError, "rtol must be a positive"),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, maxiter=-1), ValueError, "maxiter must be a positive"),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, x0=np.ones(2)), ValueError, "x0 must have shape"),
+    (
+        lambda: solve_damped(SMALL_OP, B, 0.1, M=np.eye(2)),
+        ValueError,
+        rf"M must have shape \({SMALL_N}, {SMALL_N}\)",
+    ),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, M="jacobi"), TypeError, "M must be a LinearOperator"),
+    (lambda: solve_damped(SMALL_OP, B, 0.1, callback=3), TypeError, "callback must be callable"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1,19 +1,34 @@
-"""Trace estimators: unbiasedness within standard errors, accuracy ranking, exactness."""
+"""Trace estimators (curvop.linalg.trace): unbiasedness within standard errors, accuracy ranking,
+exactness, any budget; on curvop operators; the arguments they check."""
 
 import numpy as np
 import pytest
 import torch
-from linalg_cases import OUTLIERS, dense_case, hutchinson_std, rotated
+from hypothesis import given
+from hypothesis import strategies as st
+from linalg_cases import (
+    GGN_RANK,
+    OUTLIERS,
+    SMALL_OP,
+    CountingOperator,
+    budget_settings,
+    dense_case,
+    hutchinson_std,
+    matrices,
+    rotated,
+    scale,
+)
 from scipy.linalg import orth
 from scipy.sparse.linalg import aslinearoperator
 
-from curvop import Estimate, hutchinson_trace, hutchpp_trace, xtrace
+from curvop import Estimate, hutchinson_trace, hutchpp_trace, xdiag, xtrace
 from curvop.linalg import trace as trace_module
 from curvop.linalg.probes import draw_probes, make_generator
 
 SEEDS = range(10)
 
 
+# ----------------------------------------------------------------- dense matrices of known spectrum
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian", "sparse_rademacher"])
 def test_hutchinson_is_within_a_few_standard_errors(distribution):
     op, A, eigenvalues = dense_case("indefinite")
@@ -210,3 +225,101 @@ def test_exchangeable_estimators_refuse_an_asymmetric_operator(estimator):
     A = rng.standard_normal((40, 40)) * 0.1 + np.diag(rng.uniform(0, 0.2, 40))
     with pytest.raises(ValueError, match="op must be symmetric"):
         getattr(curvop, estimator)(aslinearoperator(A), 20, seed=0)
+
+
+# --------------------------------------------------------------------- on curvop operators
+def test_xtrace_and_xdiag_are_exact_on_the_gauss_newton(G, dense):
+    budget = 2 * (GGN_RANK + 1)
+    assert xtrace(G, budget, seed=0).value == pytest.approx(np.trace(dense["G"]), rel=1e-10)
+    np.testing.assert_allclose(xdiag(G, budget, seed=0), np.diag(dense["G"]), atol=1e-12)
+
+
+def test_hutchinson_trace_of_the_hessian(H, dense):
+    estimate = hutchinson_trace(H, 30, seed=0)
+    assert abs(estimate.value - np.trace(dense["H"])) < 4.5 * estimate.std_error
+
+
+# --------------------------------------------------------------------- any budget on any size
+# name -> (estimator, smallest budget on a large matrix)
+TRACE_ESTIMATORS = {
+    "hutchinson_rademacher": (hutchinson_trace, 1),
+    "hutchinson_gaussian": (
+        lambda op, m, seed: hutchinson_trace(op, m, distribution="gaussian", seed=seed),
+        1,
+    ),
+    "hutchinson_sparse_rademacher": (
+        lambda op, m, seed: hutchinson_trace(op, m, distribution="sparse_rademacher", seed=seed),
+        1,
+    ),
+    "hutchpp_trace": (hutchpp_trace, 3),
+    "xtrace": (xtrace, 2),
+}
+
+
+@budget_settings
+@given(
+    A=matrices(),
+    name=st.sampled_from(sorted(TRACE_ESTIMATORS)),
+    budget_fraction=st.floats(0, 3.2),
+    seed=st.integers(0, 2**16),
+)
+def test_trace_estimators_take_any_budget(A, name, budget_fraction, seed):
+    estimator, minimum = TRACE_ESTIMATORS[name]
+    n = len(A)
+    budget = max(min(minimum, n), round(budget_fraction * n))
+    op = CountingOperator(A)
+    estimate = estimator(op, budget, seed=seed)
+    assert op.products == estimate.num_matvecs <= budget
+    if budget >= n:
+        assert estimate.num_matvecs == n and estimate.std_error == 0.0
+        assert estimate.value == pytest.approx(np.trace(A), abs=1e-12 * scale(A))
+    else:
+        assert np.isfinite(estimate.value)
+
+
+@budget_settings
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_xtrace_is_exact_below_the_sketch_rank(data, seed):
+    """With s = budget // 2 Gaussian probes and rank(A) < s - 1, every leave-two-out sketch spans
+    the range of A: exact value, zero standard error, s + rank products."""
+    A = data.draw(matrices(max_size=60))
+    n = len(A)
+    rank = int(np.linalg.matrix_rank(A))
+    if 2 * (rank + 2) >= n:  # the budget would already buy the exact answer
+        return
+    budget = data.draw(st.integers(2 * (rank + 2), n - 1))
+    op = CountingOperator(A)
+    estimate = xtrace(op, budget, seed=seed)
+    assert estimate.value == pytest.approx(np.trace(A), abs=1e-9 * scale(A))
+    assert estimate.std_error <= 1e-9 * scale(A)
+    assert op.products == estimate.num_matvecs == budget // 2 + rank
+
+
+@pytest.mark.parametrize(("n", "budget"), [(4, 15), (73, 300)])
+def test_hutchpp_with_a_sketch_wider_than_the_matrix(n, budget):
+    """The reported crash: num_matvecs // 3 > n raised a RuntimeError in the sketch."""
+    A = rotated(np.arange(1.0, n + 1), seed=n)
+    op = CountingOperator(A)
+    estimate = hutchpp_trace(op, budget, seed=0)
+    assert estimate.value == pytest.approx(np.trace(A), rel=1e-12)
+    assert estimate.std_error == 0.0 and estimate.num_matvecs == op.products == n
+
+
+# --------------------------------------------------------------------- argument checks
+BAD_ARGUMENTS = [
+    (lambda: hutchinson_trace(SMALL_OP, 0), ValueError, "num_matvecs must be a positive integer"),
+    (
+        lambda: hutchinson_trace(SMALL_OP, 4, distribution="normal"),
+        ValueError,
+        "distribution must be",
+    ),
+    (lambda: hutchpp_trace(SMALL_OP, 2), ValueError, "num_matvecs must be at least 3 for hutchpp"),
+    (lambda: xtrace(SMALL_OP, 1), ValueError, "num_matvecs must be at least 2 for xtrace"),
+    (lambda: xtrace(SMALL_OP, "8"), ValueError, "num_matvecs must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_ARGUMENTS)
+def test_bad_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

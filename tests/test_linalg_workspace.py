@@ -1,55 +1,35 @@
-"""One memory budget for an algorithm's vectors and the autograd graphs of its block products
-(curvop.linalg.workspace, curvop.memory): peaks measured from the tensors a call creates."""
+"""The workspace of every algorithm (curvop.linalg.workspace): one memory budget for an
+algorithm's vectors and the autograd graphs of its block products (peaks measured from the tensors
+a call creates); blocks multiplied in torch; the operator checked, and its symmetry."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import conv_hessian, skewed
+from linalg_cases import SMALL_N, ProductLog
+from scipy.sparse.linalg import aslinearoperator
 
 import curvop
-from curvop import memory
+from curvop import (
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    solve_damped,
+    spectral_density,
+    top_eigenvalues,
+    xdiag,
+    xtrace,
+)
 from curvop.memory import peak_tensor_bytes
 from curvop.operators import base as base_module
 
+# ----------------------------------------------- one memory budget for the vectors and the products
 MIB = 2**20
-
-
-def conv_hessian(kernel: str = "auto") -> curvop.HessianOperator:
-    """A small float32 conv net whose products hold several MiB of graph per column."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
-        )  # fmt: skip
-    x = torch.randn(96, 3, 16, 16, generator=generator)
-    y = torch.randint(0, 10, (96,), generator=generator)
-    data = [(x[:48], y[:48]), (x[48:], y[48:])]
-    return curvop.HessianOperator(model, nn.CrossEntropyLoss(), data, kernel=kernel)
-
-
-def test_peaks_count_what_a_call_creates():
-    _, peak = peak_tensor_bytes(lambda: torch.zeros(1000) + 1)
-    assert peak == 8000  # two float32 arrays alive at once
-    kept = torch.zeros(10**6)
-    _, peak = peak_tensor_bytes(lambda: kept.view(1000, 1000)[0].sum())
-    assert peak < 100  # a view of an existing tensor adds nothing; the sum adds 4 bytes
-
-
-def test_the_peak_of_a_batched_backward_grows_with_its_columns():
-    """What the saved-tensor hooks of autograd do not see: the transient buffers of a batched
-    second backward pass grow with the number of columns."""
-    op = conv_hessian()
-    op.apply(torch.randn(op.shape[0], 4))  # measures the kernels
-    measured = op.kernel_measurements
-    batched = measured["batched"]
-    assert batched[4].bytes > 2 * batched[1].bytes
-    assert measured["looped"][4].bytes < batched[4].bytes  # one column at a time: flat
-
 
 CALLS = {
     "top-5": (lambda op, **o: curvop.top_eigenvalues(op, 5, seed=0, tol=1e-3, **o), 20),
@@ -94,35 +74,92 @@ def test_an_explicit_budget_bounds_the_peak(name):
     assert peak <= 1.25 * budget, f"{peak / MIB:.1f} MiB > {budget / MIB:.1f} MiB"
 
 
-def test_a_product_splits_a_block_that_would_exceed_its_limit():
-    op = conv_hessian("batched")  # its memory grows with the columns
-    V = torch.randn(op.shape[0], 12)
-    whole = op.block_product(V, memory_bytes=2**40)
-    single = op.product_cost(1).bytes
-    with curvop.count_products(op) as count:
-        limited = op.block_product(V, memory_bytes=2 * single)
-    assert count.calls > 1 and count.columns == 12  # several passes
-    assert op.kernel_selections[12].bytes <= 2 * single
-    torch.testing.assert_close(limited, whole, rtol=1e-5, atol=1e-6)
-    op.max_block_columns = 5  # a cap on top of the memory limit
-    with curvop.count_products(op) as count:
-        op.block_product(V, memory_bytes=2**40)
-    assert count.calls == 3
-
-
-def test_the_default_budget_is_half_the_free_memory_of_the_device(monkeypatch):
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 10 * 2**30)
-    assert memory.default_budget_bytes(torch.device("cpu")) == 5 * 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
-    monkeypatch.undo()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
-    assert memory.free_bytes(torch.device("cuda", 0)) == 8 * 2**30
-    assert memory.free_bytes(torch.device("cpu")) > 0  # /proc/meminfo here
-
-
 def test_memory_gb_is_checked():
     op = conv_hessian()
     for bad in (0, -1.0, float("nan"), "1"):
         with pytest.raises(ValueError, match="memory_gb must be a positive finite real number"):
             curvop.hutchinson_trace(op, 3, memory_gb=bad)
     assert np.isfinite(curvop.hutchinson_trace(op, 3, seed=0, memory_gb=None).value)
+
+
+# ------------------------------------------------------- every algorithm multiplies blocks in torch
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        (lambda op: hutchinson_trace(op, 12, seed=0), [12]),
+        (lambda op: hutchinson_diagonal(op, 12, seed=0), [12]),
+        (lambda op: hutchpp_trace(op, 12, seed=0), [4, 8]),
+        (lambda op: xtrace(op, 12, seed=0), [6, 6]),
+        (lambda op: xdiag(op, 12, seed=0), [6, 6]),
+        (lambda op: lanczos(op, 7, seed=0), [1] * 7),
+        (lambda op: spectral_density(op, num_probes=5, num_steps=7, seed=0), [5] * 7),
+        (
+            lambda op: spectral_density(op, method="kpm", num_probes=5, num_steps=9, seed=0),
+            [1] * 20 + [5] * math.ceil((9 - 1) / 2),
+        ),
+    ],
+)
+def test_estimators_multiply_blocks_in_torch(H, run, expected, monkeypatch):
+    log = ProductLog(H, monkeypatch)
+    run(H)
+    assert log.columns == expected
+
+
+# ------------------------------------------------------------- the operator: checked, and symmetric
+B = np.ones(SMALL_N)
+
+FUNCTIONS = {
+    "top_eigenvalues": lambda op: top_eigenvalues(op),
+    "solve_damped": lambda op: solve_damped(op, B, 0.1),
+    "lanczos": lambda op: lanczos(op, 3),
+    "hutchinson_trace": lambda op: hutchinson_trace(op, 4),
+    "hutchpp_trace": lambda op: hutchpp_trace(op, 4),
+    "xtrace": lambda op: xtrace(op, 4),
+    "hutchinson_diagonal": lambda op: hutchinson_diagonal(op, 4),
+    "xdiag": lambda op: xdiag(op, 4),
+    "spectral_density": lambda op: spectral_density(op),
+}
+
+BAD_OPERATORS = [
+    ("not an operator", TypeError, "op must be a scipy.sparse.linalg.LinearOperator"),
+    (aslinearoperator(np.zeros((3, 4))), ValueError, r"op must be a square.*\(3, 4\)"),
+    (aslinearoperator(np.eye(3, dtype=complex)), TypeError, "op must be real"),
+]
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+@pytest.mark.parametrize(("op", "error", "match"), BAD_OPERATORS, ids=["type", "shape", "complex"])
+def test_every_function_checks_the_operator(name, op, error, match):
+    with pytest.raises(error, match=match):
+        FUNCTIONS[name](op)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda op: curvop.top_eigenvalues(op, k=2, seed=0),
+        lambda op: curvop.top_eigenvalues(op, k=1, which="SA", seed=0),
+        lambda op: curvop.lanczos(op, 20, seed=0),
+        lambda op: curvop.spectral_density(op, num_probes=2, num_steps=20, seed=0),
+        lambda op: curvop.solve_damped(op, np.ones(op.shape[0]), 1.0),
+        lambda op: curvop.solve_damped(op, np.ones(op.shape[0]), 1.0, method="minres"),
+    ],
+    ids=["top-LA", "top-SA", "lanczos", "slq", "cg", "minres"],
+)
+@pytest.mark.parametrize("kind", ["curvop", "matrix"])
+def test_krylov_methods_stop_with_a_clear_error_on_an_asymmetric_operator(run, kind):
+    op = skewed(1e-3)
+    if kind == "matrix":
+        op = aslinearoperator(op.to_dense())
+    with (
+        curvop.count_products(op) as count,
+        pytest.raises(ValueError, match="op must be symmetric"),
+    ):
+        run(op)
+    assert count.columns <= 40  # stopped within a few products, not after maxiter
+
+
+def test_krylov_methods_accept_asymmetry_within_the_allowance():
+    op = skewed(1e-13)  # rounding-sized: below sqrt(eps) of float64
+    assert curvop.top_eigenvalues(op, k=2, seed=0).shape == (2,)
+    assert curvop.solve_damped(op, np.ones(op.shape[0]), 1.0).converged

@@ -1,9 +1,10 @@
-"""The finite-difference Hessian on float32 ReLU networks, and the symmetry checks that guard
-every Krylov method against an operator that is not symmetric.
+"""FiniteDifferenceHessianOperator (curvop.operators.finite_difference): products against the
+dense Hessian, the scheme, the step and the precision, and float32 ReLU networks.
 
 float32 differences across ReLU kinks once gave products wrong by factors of 10-100 on a small
 CNN (and an operator so asymmetric that the eigensolver never converged): these cases would have
-caught it.
+caught it. (The symmetry checks that guard every Krylov method against such an operator are in
+test_operators_base.py and test_linalg_workspace.py.)
 """
 
 from __future__ import annotations
@@ -13,13 +14,57 @@ import copy
 import numpy as np
 import pytest
 import torch
-from scipy.sparse.linalg import aslinearoperator
+from conftest import (
+    F64,
+    TINY_N,
+    Case,
+    check_products_match_dense_truth,
+    dense_hessian,
+    make_case,
+    relative_error,
+    relu_mlp,
+    relu_mlp_data,
+    tiny_batch,
+    tiny_closure,
+    tiny_linear,
+)
 from torch import nn
 
 import curvop
-from curvop import FiniteDifferenceHessianOperator, GaussNewtonOperator, HessianOperator, KinkError
+from curvop import FiniteDifferenceHessianOperator, HessianOperator, KinkError
 from curvop.operators.finite_difference import ACCURACY
 
+
+# ----------------------------------------------------------------- products against the dense truth
+def test_products_match_dense_truth(case: Case):
+    check_products_match_dense_truth("fd", case, None)
+
+
+def test_finite_differences_float32_accuracy_on_relu_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    exact = HessianOperator(model, nn.CrossEntropyLoss(), data)
+    approx = FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), data)
+    assert approx.dtype == np.float32
+    V = torch.randn(exact.shape[0], 4, generator=torch.Generator().manual_seed(1))
+    errors = (approx.apply(V) - exact.apply(V)).norm(dim=0) / exact.apply(V).norm(dim=0)
+    assert errors.max() < 1e-2
+
+
+def test_finite_differences_forward_scheme_and_explicit_step():
+    case = make_case("mlp", "mse", "mean", (4, 4, 3))
+    truth = dense_hessian(case).numpy()
+    forward = FiniteDifferenceHessianOperator(case.model, case.loss_fn, case.data, scheme="forward")
+    fixed = FiniteDifferenceHessianOperator(case.model, case.loss_fn, case.data, eps=1e-5)
+    assert relative_error(forward.to_dense(), truth) < 1e-5
+    assert relative_error(fixed.to_dense(), truth) < 1e-8
+
+
+# --------------------------------------------------------------------- float32 ReLU networks
 STATED = ACCURACY["float64"]  # the documented relative accuracy of a product: 1e-5
 BAR = 10 * STATED  # measured ~2e-6 on these cases: the bar keeps a margin of 10 over the doc
 
@@ -34,14 +79,6 @@ def relu_cnn(seed: int, size: int) -> nn.Module:
         )  # fmt: skip
 
 
-def relu_mlp(seed: int) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
-        )
-
-
 def images(seed: int, samples: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random CIFAR-like images in two batches (the second one shorter)."""
     generator = torch.Generator().manual_seed(seed)
@@ -49,13 +86,6 @@ def images(seed: int, samples: int, size: int) -> list[tuple[torch.Tensor, torch
     y = torch.randint(0, 10, (samples,), generator=generator)
     cut = samples * 2 // 3
     return [(x[:cut], y[:cut]), (x[cut:], y[cut:])]
-
-
-def vectors(samples: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, 64, generator=generator)
-    y = torch.randint(0, 10, (samples,), generator=generator)
-    return [(x[:100], y[:100]), (x[100:], y[100:])]
 
 
 def float64_twin(model: nn.Module, data: list) -> HessianOperator:
@@ -70,8 +100,8 @@ CASES = {
     "cnn-32x32-64": lambda: (relu_cnn(1, 32), images(1, 64, 32)),
     "cnn-16x16-128": lambda: (relu_cnn(2, 16), images(2, 128, 16)),
     "cnn-16x16-200": lambda: (relu_cnn(3, 16), images(3, 200, 16)),
-    "mlp-200": lambda: (relu_mlp(4), vectors(200, 4)),
-    "mlp-150": lambda: (relu_mlp(5), vectors(150, 5)),
+    "mlp-200": lambda: (relu_mlp(4), relu_mlp_data(200, 4)),
+    "mlp-150": lambda: (relu_mlp(5), relu_mlp_data(150, 5)),
 }
 
 
@@ -139,86 +169,30 @@ def test_a_kink_crossed_at_every_step_raises_naming_the_batch():
         fd.apply(torch.ones(3, dtype=torch.float64))
 
 
+# ----------------------------------------------------------- the scheme, the step and the precision
+@pytest.mark.parametrize("scheme", ["backward", "", None])
+def test_an_unknown_scheme_is_rejected(scheme):
+    with pytest.raises(ValueError, match=r"scheme must be one of \('central', 'forward'\)"):
+        FiniteDifferenceHessianOperator(tiny_linear(), nn.MSELoss(), tiny_batch(), scheme=scheme)
+    func, params = tiny_closure()
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        FiniteDifferenceHessianOperator.from_function(func, params, scheme=scheme)
+
+
+@pytest.mark.parametrize("eps", [0, -1e-3, float("nan"), float("inf"), "1e-3", True])
+def test_a_bad_step_is_rejected(eps):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite real number, got"):
+        FiniteDifferenceHessianOperator(tiny_linear(), nn.MSELoss(), tiny_batch(), eps=eps)
+
+
+def test_a_valid_step_is_accepted():
+    op = FiniteDifferenceHessianOperator(
+        tiny_linear(), nn.MSELoss(), tiny_batch(), eps=np.float32(1e-4)
+    )
+    assert op.apply(torch.ones(TINY_N, dtype=F64)).isfinite().all()
+
+
 def test_an_unknown_precision_is_refused():
     model, data = CASES["mlp-150"]()
     with pytest.raises(ValueError, match=r"precision must be one of \('float64', 'native'\)"):
         FiniteDifferenceHessianOperator(model, nn.CrossEntropyLoss(), data, precision="half")
-
-
-# ------------------------------------------------------------------------------ symmetry
-class SkewedHessian(HessianOperator):
-    """The Hessian plus a skew-symmetric part: not symmetric, as FD across kinks once was."""
-
-    def __init__(self, *args, skew: float):
-        super().__init__(*args)
-        n = self.shape[0]
-        S = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        self.skew = skew * (S - S.T)
-
-    def _block_product(self, V: torch.Tensor, memory_bytes: int | None) -> torch.Tensor:
-        return super()._block_product(V, memory_bytes) + self.skew.to(V.dtype) @ V
-
-
-def skewed(skew: float) -> SkewedHessian:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 4, generator=generator, dtype=torch.float64)
-    y = torch.randn(20, 2, generator=generator, dtype=torch.float64)
-    return SkewedHessian(model, nn.MSELoss(), (x, y), skew=skew)
-
-
-@pytest.mark.parametrize(
-    "cls", [HessianOperator, GaussNewtonOperator, FiniteDifferenceHessianOperator]
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_check_symmetric_passes_on_every_operator(cls, dtype):
-    model, data = CASES["mlp-150"]()
-    data = [(x.to(dtype), y) for x, y in data]
-    op = cls(model.to(dtype), nn.CrossEntropyLoss(), data)
-    gap = op.check_symmetric()
-    # rounding only: far below the default allowance sqrt(eps) (10 x accuracy for FD)
-    assert 0 <= gap < 0.01 * max(torch.finfo(dtype).eps ** 0.5, 10 * op.accuracy)
-
-
-def test_check_symmetric_raises_on_an_asymmetric_operator_and_takes_rtol():
-    op = skewed(1e-3)
-    with pytest.raises(RuntimeError, match="not symmetric") as info:
-        op.check_symmetric()
-    assert "HessianOperator" in str(info.value)
-    gap = op.check_symmetric(rtol=0.5)  # a looser allowance accepts it
-    assert 1e-5 < gap < 0.5
-    with pytest.raises(ValueError, match="rtol must be a positive"):
-        op.check_symmetric(rtol=-1)
-
-
-@pytest.mark.parametrize(
-    "run",
-    [
-        lambda op: curvop.top_eigenvalues(op, k=2, seed=0),
-        lambda op: curvop.top_eigenvalues(op, k=1, which="SA", seed=0),
-        lambda op: curvop.lanczos(op, 20, seed=0),
-        lambda op: curvop.spectral_density(op, num_probes=2, num_steps=20, seed=0),
-        lambda op: curvop.solve_damped(op, np.ones(op.shape[0]), 1.0),
-        lambda op: curvop.solve_damped(op, np.ones(op.shape[0]), 1.0, method="minres"),
-    ],
-    ids=["top-LA", "top-SA", "lanczos", "slq", "cg", "minres"],
-)
-@pytest.mark.parametrize("kind", ["curvop", "matrix"])
-def test_krylov_methods_stop_with_a_clear_error_on_an_asymmetric_operator(run, kind):
-    op = skewed(1e-3)
-    if kind == "matrix":
-        op = aslinearoperator(op.to_dense())
-    with (
-        curvop.count_products(op) as count,
-        pytest.raises(ValueError, match="op must be symmetric"),
-    ):
-        run(op)
-    assert count.columns <= 40  # stopped within a few products, not after maxiter
-
-
-def test_krylov_methods_accept_asymmetry_within_the_allowance():
-    op = skewed(1e-13)  # rounding-sized: below sqrt(eps) of float64
-    assert curvop.top_eigenvalues(op, k=2, seed=0).shape == (2,)
-    assert curvop.solve_damped(op, np.ones(op.shape[0]), 1.0).converged
