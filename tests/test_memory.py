@@ -29,9 +29,9 @@ def test_the_peak_of_a_batched_backward_grows_with_its_columns():
     assert measured["looped"][4].bytes < batched[4].bytes  # one column at a time: flat
 
 
-def test_the_default_budget_is_half_the_free_memory_of_the_device(monkeypatch):
+def test_the_default_budget_is_a_quarter_of_the_free_memory_of_the_device(monkeypatch):
     monkeypatch.setattr(memory, "free_bytes", lambda device: 10 * 2**30)
-    assert memory.default_budget_bytes(torch.device("cpu")) == 5 * 2**30
+    assert memory.default_budget_bytes(torch.device("cpu")) == 10 * 2**30 // 4
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
