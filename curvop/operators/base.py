@@ -374,8 +374,8 @@ class CurvatureOperator(BlockOperator):
         return out.to(self.torch_dtype).T
 
     def _one_pass(self, block: torch.Tensor, kernel: str, rows: torch.Tensor) -> torch.Tensor:
-        """The product of ``block`` (``(k, n)``) in one pass over the data: in ``rows``, or a new
-        tensor where the sum is float64 or keeps a graph."""
+        """The product of ``block`` (``(n, k)``) in one pass over the data, as ``(k, n)``: in
+        ``rows``, or a new tensor where the sum is float64 or keeps a graph."""
         self._observed(block.shape[1])
         total, samples, failure = self._partial_product(block, kernel, rows)
         if self.process_group is not None:
