@@ -72,8 +72,10 @@ class BlockOperator(LinearOperator):
     r"""A symmetric ``n x n`` operator with a torch block product and SciPy's face.
 
     Subclasses call ``super().__init__(n, dtype, device)`` and implement
-    :meth:`_block_product`; everything else (``apply``, ``@`` with torch or numpy, SciPy's
-    ``matvec`` / ``matmat`` with checked shapes, sums and scalings, counting) is shared.
+    :meth:`_block_product` (calling ``self._observed(k)`` for each pass of ``k`` columns it
+    runs, which :func:`curvop.count_products` counts); everything else (``apply``, ``@`` with
+    torch or numpy, SciPy's ``matvec`` / ``matmat`` with checked shapes, sums and scalings) is
+    shared.
 
     Attributes
     ----------
