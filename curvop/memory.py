@@ -54,9 +54,8 @@ class _PeakTracker(TorchDispatchMode):
         self.peak = 0
         self._storages: dict[tuple[str, int], weakref.ref] = {}
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        key = _storage_key(tensor)
-        if key is None or key in self._storages:
+    def _track(self, tensor: torch.Tensor, key: tuple[str, int]) -> None:
+        if key in self._storages:
             return
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
@@ -82,9 +81,11 @@ class _PeakTracker(TorchDispatchMode):
             _storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
         }
         for leaf in tree_leaves(result):
-            fresh = isinstance(leaf, torch.Tensor) and _storage_key(leaf) not in inputs
-            if fresh and leaf.device.type != "meta":  # views and in-place results add nothing
-                self._track(leaf)
+            if not isinstance(leaf, torch.Tensor) or leaf.device.type == "meta":
+                continue
+            key = _storage_key(leaf)
+            if key is not None and key not in inputs:  # views and in-place results add nothing
+                self._track(leaf, key)
         return result
 
 

@@ -147,10 +147,10 @@ def _slq(
     gives Ritz values as accurate as a float64 one."""
     steps = min(num_steps, work.n)
     per_probe = (steps + WORKING_VECTORS) * work.vector_bytes()
-    width = work.width(num_probes, per_probe)
+    side_by_side = work.width(num_probes, per_probe)
     runs = [
         _quadrature(lanczos_block(work, probes, num_steps, work.dtype), num_steps)
-        for probes in work.probe_chunks(generator, num_probes, width, "rademacher")
+        for probes in work.probe_chunks(generator, num_probes, side_by_side, "rademacher")
     ]
     nodes, weights = (np.concatenate(parts) for parts in zip(*runs, strict=True))
     low, high = float(nodes.min()), float(nodes.max())

@@ -25,7 +25,7 @@ from ..distributed import agree_on_measurements, allreduce_product, check_group,
 from ..layout import ParamLayout
 from ..memory import default_budget_bytes, peak_tensor_bytes
 from ..objective import ClosureObjective, ModelObjective, OutputSelector, resolve_params
-from ..progress import bar
+from ..progress import counting
 from ..symmetry import symmetry_gap, symmetry_tolerance
 from ..validation import check_positive_int, check_real, check_seed
 from .block import HALF_DTYPES, BlockOperator, ProductCost
@@ -133,7 +133,7 @@ class _WeightedSum:
     """
 
     def __init__(self, out: torch.Tensor, layout: ParamLayout):
-        self.out, self.layout = out, layout
+        self.out = out
         self.views = [t.movedim(-1, 0) for t in layout.split(out.T)]
         self.wide: torch.Tensor | None = None
         self.graph: list[torch.Tensor] | None = None  # the out-of-place sums
@@ -267,10 +267,7 @@ class CurvatureOperator(BlockOperator):
             return Selection(self._plan.reference, chunk, math.nan, 0)
         widths = (1,) if k == 1 else (1, min(CALIBRATION_WIDTH, self.shape[0]))
         self._measure(widths)
-        limit = self._memory_limit(memory_bytes)
-        selection = self._plan.select(k, limit, self.max_block_columns)
-        self._plan.selections[k] = selection
-        return selection
+        return self._plan.select(k, self._memory_limit(memory_bytes), self.max_block_columns)
 
     def _memory_limit(self, memory_bytes: int | None) -> float:
         """The peak bytes a pass may add: ``memory_bytes`` if given, else the smaller of
@@ -292,15 +289,15 @@ class CurvatureOperator(BlockOperator):
 
     def _measure(self, widths: Sequence[int]) -> None:
         """Run every candidate still unmeasured at ``widths`` on the first batch, with random
-        columns from a private generator: seconds (the faster of two runs when cheap) and the
-        peak bytes it added. With a process group the ranks agree on the figures (the mean of
+        columns from a private generator: its seconds and the peak bytes it added (see
+        :meth:`_time`). With a process group the ranks agree on the figures (the mean of
         the seconds, the largest bytes, a failure anywhere), so they choose alike."""
         missing = self._plan.missing(widths)
         if not missing:
             return
         batch = next(iter(self._objective.batches()))
         generator = torch.Generator(device=self.layout.device).manual_seed(0)
-        reference = next(iter(self._plan.candidates))
+        reference = self._plan.reference
         results: dict[tuple[str, int], Measurement | BaseException] = {}
         for name, width in missing:
             block = torch.randn(
@@ -313,13 +310,10 @@ class CurvatureOperator(BlockOperator):
                 results[name, width] = self._time(
                     self._plan.candidates[name], batch, columns, careful
                 )
-            except Exception as error:
-                if name == reference or self._plan.kernel != AUTO:
-                    results[name, width] = error  # the user's model or loss raised
-                    if self.process_group is None:
-                        raise
-                else:
-                    results[name, width] = error
+            except Exception as error:  # the reference's: the user's model or loss raised
+                results[name, width] = error
+                if name == reference and self.process_group is None:
+                    raise
         if self.process_group is not None:
             results = agree_on_measurements(
                 results, reference, self.process_group, self.layout.device
@@ -363,7 +357,7 @@ class CurvatureOperator(BlockOperator):
     # ------------------------------------------------------------------ products
     def _block_product(self, V: torch.Tensor, memory_bytes: int | None) -> torch.Tensor:
         k = V.shape[1]
-        selection = self._select(k, memory_bytes)
+        selection = self._plan.selections[k] = self._select(k, memory_bytes)
         accumulate = torch.float64 if self.torch_dtype == torch.float64 else torch.float32
         out = torch.zeros(k, self.shape[0], dtype=accumulate, device=V.device)
         for first in range(0, k, selection.chunk):
@@ -446,14 +440,8 @@ class CurvatureOperator(BlockOperator):
                 f"hold {n * n:,} entries; pass max_size={n} or more to build it anyway"
             )
         eye = torch.eye(n, dtype=self.torch_dtype, device=self.device)
-        with bar(progress, n, "to_dense") as shown:
-            if shown is not None:
-                self.product_observers.append(shown.update)
-            try:
-                return self.block_product(eye).cpu().numpy()
-            finally:
-                if shown is not None:
-                    self.product_observers.remove(shown.update)
+        with counting(self, progress, n, "to_dense"):
+            return self.block_product(eye).cpu().numpy()
 
     def check_deterministic(self, *, rtol: float | None = None, seed: int = 0) -> float:
         """Check that two products with the same random vector agree; return their relative gap.
