@@ -49,10 +49,7 @@ def test_the_default_budget_holds_a_call_to_five_products_plus_its_vectors(name,
     """With the defaults, a block product may hold four single products' graphs (small models may
     use a floor of 64 MiB instead; zero here, so that the rule itself is what is tested), so a
     call adds at most five single products plus the n-vectors it keeps."""
-    from curvop.linalg import workspace
-
     monkeypatch.setattr(base_module, "DEFAULT_GRAPH_FLOOR", 0)
-    monkeypatch.setattr(workspace, "DEFAULT_GRAPH_FLOOR", 0)
     op = conv_hessian()
     op.apply(torch.randn(op.shape[0], 4))  # the kernels are measured before the call
     single = op.product_cost(1).bytes

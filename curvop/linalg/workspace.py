@@ -22,7 +22,7 @@ import torch
 
 from ..distributed import broadcast_seed, min_over_ranks
 from ..memory import default_budget_bytes
-from ..operators.base import DEFAULT_GRAPH_FLOOR, DEFAULT_GRAPH_PRODUCTS
+from ..operators.base import graph_allowance
 from ..operators.block import BlockOperator, as_block_operator
 from ..progress import counting
 from ..symmetry import symmetry_gap, symmetry_tolerance
@@ -100,7 +100,7 @@ class Workspace:
         single = self.op.product_cost(1, left)
         if single is None:
             return left
-        return min(left, max(DEFAULT_GRAPH_PRODUCTS * single.bytes, DEFAULT_GRAPH_FLOOR))
+        return min(left, graph_allowance(single.bytes))
 
     def multiply(
         self, V: torch.Tensor, kept: int = 0, dtype: torch.dtype | None = None

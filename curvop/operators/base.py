@@ -40,7 +40,13 @@ from .kernels import (
     Selection,
 )
 
-__all__ = ["CurvatureOperator", "ModelCurvatureOperator", "model_objective", "resolve_reduction"]
+__all__ = [
+    "CurvatureOperator",
+    "ModelCurvatureOperator",
+    "graph_allowance",
+    "model_objective",
+    "resolve_reduction",
+]
 
 Objective = ModelObjective | ClosureObjective
 
@@ -50,6 +56,12 @@ DEFAULT_GRAPH_FLOOR = 64 * 2**20  # ... or this many bytes where that is more (s
 UNMEASURED_CHUNK = 64  # columns per pass of an operator that does not measure its kernels
 FOLD_BATCHES = 16  # a float32 sum is folded into float64 after this many batches
 HALF_ACCURACY = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # stated, relative
+
+
+def graph_allowance(single: float) -> float:
+    """The peak bytes a pass may hold by default, given a single product's:
+    :data:`DEFAULT_GRAPH_PRODUCTS` of them, and at least :data:`DEFAULT_GRAPH_FLOOR`."""
+    return max(DEFAULT_GRAPH_PRODUCTS * single, DEFAULT_GRAPH_FLOOR)
 
 
 def resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
@@ -280,8 +292,7 @@ class CurvatureOperator(BlockOperator):
         if self._default_limit is None:
             self._measure((1,))
             single = min(self._plan.measurements[name][1].bytes for name in self._plan.names(1))
-            allowance = max(DEFAULT_GRAPH_PRODUCTS * single, DEFAULT_GRAPH_FLOOR)
-            limit = min(allowance, default_budget_bytes(self.layout.device))
+            limit = min(graph_allowance(single), default_budget_bytes(self.layout.device))
             if self.process_group is not None:
                 limit = min_over_ranks(limit, self.process_group, self.layout.device)
             self._default_limit = limit
