@@ -62,6 +62,7 @@ from scipy.linalg import eigh
 from ..validation import check_choice, check_optional_positive_int, check_positive_int, check_real
 from .convergence import ConvergenceWarning
 from .lanczos import TWICE_IS_ENOUGH
+from .sketch import tall_svd
 from .workspace import Workspace, open_workspace, raise_not_symmetric
 
 __all__ = ["ThickRestartLanczos", "top_eigenvalues"]
@@ -128,8 +129,9 @@ def _next_block(
     r"""The next orthonormal block ``Q`` (``width`` columns), ``R`` with ``W ~ Q R``, and whether
     random columns had to fill it.
 
-    ``W`` is orthogonal to the basis rows ``B``. Its SVD :math:`W = U S Z^\top` comes from the
-    QR factorization of the tall :math:`W` and the SVD of the small factor. Directions with
+    ``W`` is orthogonal to the basis rows ``B``. Its SVD :math:`W = U S Z^\top` comes from
+    :func:`~curvop.linalg.sketch.tall_svd` (QR of the tall :math:`W`, then the SVD of the small
+    factor). Directions with
     :math:`s_i \le` ``floor`` (none new), and the columns beyond ``W``'s when ``width`` is
     larger, become random vectors orthogonalized against ``B`` (as is a normalized direction of
     rounding size, which is not orthogonal to ``B``: any :math:`s_i` below
@@ -144,10 +146,9 @@ def _next_block(
         norm = torch.linalg.vector_norm(W)
         if norm > floor:
             return W / norm, norm.reshape(1, 1), False
-    Q_W, R_W = torch.linalg.qr(W)
-    U_R, S, Zt = torch.linalg.svd(R_W)
+    U, S, Zt = tall_svd(W)
     kept = min(columns, width)
-    U, S, Zt = Q_W @ U_R[:, :kept], S[:kept], Zt[:kept]
+    U, S, Zt = U[:, :kept], S[:kept].to(W.dtype), Zt[:kept].to(W.dtype)
     if width > kept:  # more columns than W has: pad with empty directions
         U = torch.cat([U, U.new_zeros(n, width - kept)], dim=1)
         S = torch.cat([S, S.new_zeros(width - kept)])
@@ -291,8 +292,8 @@ def _choose_width(work: Workspace, which: str, p: int) -> int:
     call on it takes the same path."""
     if which == "SA" or p == 1:
         return p
-    single = work.op.product_cost(1, work.product_limit(0))
-    block = work.op.product_cost(p, work.product_limit(0))
+    limit = work.product_limit(0)
+    single, block = work.op.product_cost(1, limit), work.op.product_cost(p, limit)
     if single is None or block is None or single.seconds < CHEAP_COLUMN:
         return p
     return p if block.seconds / p <= BLOCK_PAYS * single.seconds else 1
